@@ -6,6 +6,10 @@ its samples' lengths (tokens). Assignment is greedy longest-processing-time firs
 units sorted by decreasing cost (ties broken by position), each given to the currently
 least-loaded consumer (ties broken by consumer index).
 
+Ties are broken by a unit *key* (its group id), not by where the unit happens to sit, so
+the same set of units always yields the same assignment whatever the producers' layout:
+two inputs of a stage that are re-sharded separately stay aligned sample by sample.
+
 Balance bound (list scheduling): every consumer's load is at most
 ``total / n_consumers + max_unit_cost``.
 """
@@ -28,23 +32,34 @@ def units_of(batch: Batch) -> tuple[list[int], list[int]]:
     return unit_of_sample, costs
 
 
-def lpt_assign(costs: list[int], n_bins: int) -> list[int]:
-    """Bin index for each cost, longest first onto the least-loaded bin."""
+def unit_keys(batch: Batch) -> list[int]:
+    """The group id of each unit of ``units_of(batch)``, in the same order."""
+    return list(dict.fromkeys(batch.groups.tolist()))
+
+
+def lpt_assign(costs: list[int], n_bins: int, keys: list[int] | None = None) -> list[int]:
+    """Bin index for each cost, longest first onto the least-loaded bin.
+
+    Equal costs are ordered by ``keys`` (default: position).
+    """
     if n_bins < 1:
         raise ValueError(f"need at least one consumer, got {n_bins}")
+    keys = list(range(len(costs))) if keys is None else keys
     heap = [(0, b) for b in range(n_bins)]
     assign = [0] * len(costs)
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], keys[i], i)):
         load, b = heapq.heappop(heap)
         assign[i] = b
         heapq.heappush(heap, (load + costs[i], b))
     return assign
 
 
-def reshard_plan(costs_per_producer: list[list[int]], n_consumers: int) -> list[list[int]]:
+def reshard_plan(costs_per_producer: list[list[int]], n_consumers: int,
+                 keys_per_producer: list[list[int]] | None = None) -> list[list[int]]:
     """For each producer, the consumer index of each of its units (global LPT)."""
     flat = [c for costs in costs_per_producer for c in costs]
-    assign = lpt_assign(flat, n_consumers)
+    keys = None if keys_per_producer is None else [k for ks in keys_per_producer for k in ks]
+    assign = lpt_assign(flat, n_consumers, keys)
     plan, start = [], 0
     for costs in costs_per_producer:
         plan.append(assign[start:start + len(costs)])

@@ -62,7 +62,9 @@ class Message:
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     """A byte view of ``t`` (contiguous copy only when ``t`` is not contiguous)."""
-    flat = t.detach().contiguous().reshape(-1)
+    flat = t.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
+    if flat.stride(0) != 1:  # 0 or 1 elements keep any stride, which dtype views reject
+        flat = flat.clone(memory_format=torch.contiguous_format)
     if flat.device.type != "cpu":
         flat = flat.cpu()
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
@@ -92,21 +94,24 @@ def _unpack_header(raw, limits: Limits) -> dict:
     if len(raw) > limits.max_header_bytes:
         raise WireError(f"header of {len(raw)} bytes exceeds {limits.max_header_bytes}")
     try:
+        # max_ext_len=0 also rejects the timestamp type, which bypasses ext_hook.
         header = msgpack.unpackb(bytes(raw), raw=False, strict_map_key=True,
-                                 ext_hook=_no_ext)
+                                 ext_hook=_no_ext, max_ext_len=0)
     except WireError:
         raise
     except Exception as e:  # msgpack raises several types for garbage
         raise WireError(f"header is not valid msgpack: {type(e).__name__}: {e}") from None
     if not isinstance(header, dict) or set(header) != _HEADER_KEYS:
-        got = sorted(header) if isinstance(header, dict) else type(header).__name__
+        got = sorted(map(repr, header)) if isinstance(header, dict) else type(header).__name__
         raise WireError(f"header must be a map with keys {sorted(_HEADER_KEYS)}, got {got}")
-    if header["v"] != WIRE_VERSION:
+    if type(header["v"]) is not int or header["v"] != WIRE_VERSION:
         raise WireError(f"wire version {header['v']!r}, expected {WIRE_VERSION}")
     if not isinstance(header["src"], int) or isinstance(header["src"], bool) or header["src"] < 0:
         raise WireError(f"src must be a non-negative int, got {header['src']!r}")
     if not isinstance(header["kind"], str) or not isinstance(header["key"], list):
         raise WireError("kind must be a string and key a list")
+    if not all(isinstance(k, (str, int)) for k in header["key"]):
+        raise WireError("key items must be strings or ints")
     if not isinstance(header["tensors"], list) or len(header["tensors"]) > limits.max_tensors:
         raise WireError(f"tensors must be a list of at most {limits.max_tensors} specs")
     return header
@@ -116,11 +121,16 @@ def _check_spec(spec, limits: Limits) -> tuple[str, torch.dtype, list[int], int]
     if not (isinstance(spec, list) and len(spec) == 4):
         raise WireError(f"tensor spec must be [name, dtype, shape, nbytes], got {spec!r:.80}")
     name, dtype, shape, nbytes = spec
-    if not isinstance(name, str) or dtype not in DTYPES:
+    if not isinstance(name, str) or not isinstance(dtype, str) or dtype not in DTYPES:
         raise WireError(f"tensor {name!r:.40}: unknown dtype {dtype!r:.40}")
     if (not isinstance(shape, list) or len(shape) > limits.max_ndim
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise WireError(f"tensor {name!r}: shape must be <= {limits.max_ndim} non-negative ints")
+    # Zero-size tensors carry no bytes, so bound the other dims too (torch overflows).
+    if math.prod(max(d, 1) for d in shape) > limits.max_message_bytes:
+        raise WireError(f"tensor {name!r}: shape {shape} exceeds the message limit")
+    if type(nbytes) is not int:
+        raise WireError(f"tensor {name!r}: nbytes must be an int, got {nbytes!r:.40}")
     itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
     if math.prod(shape) * itemsize != nbytes:
         raise WireError(f"tensor {name!r}: shape {shape} x {itemsize} B != {nbytes} B declared")
@@ -128,7 +138,8 @@ def _check_spec(spec, limits: Limits) -> tuple[str, torch.dtype, list[int], int]
 
 
 def decode(frames: list, limits: Limits = Limits()) -> Message:
-    """Validate and decode ``frames`` (bytes or zmq.Frame); tensors view the frames."""
+    """Validate and decode ``frames`` (bytes or zmq.Frame); tensors view the frames
+    (a frame not aligned to its dtype's item size is copied)."""
     if not frames:
         raise WireError("empty message")
     bufs = [f.buffer if hasattr(f, "buffer") else memoryview(f) for f in frames]
@@ -150,5 +161,8 @@ def decode(frames: list, limits: Limits = Limits()) -> Message:
         if nbytes == 0:
             tensors[name] = torch.empty(shape, dtype=dtype)
         else:
-            tensors[name] = torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape)
+            raw = torch.frombuffer(buf, dtype=torch.uint8)
+            if raw.data_ptr() % dtype.itemsize:  # torch kernels assume aligned elements
+                raw = raw.clone()
+            tensors[name] = raw.view(dtype).reshape(shape)
     return Message(header["src"], header["kind"], tuple(header["key"]), header["meta"], tensors)

@@ -1,0 +1,135 @@
+"""Run configuration: ``key=value`` arguments resolved against typed defaults.
+
+Resolution order: command line > the pipeline's ``defaults`` > the defaults below.
+Keys of the pipeline's own ``params`` are accepted too. An unknown key or a value of the
+wrong type fails before any process opens a socket.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from distflow.dag import Pipeline
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong."""
+
+
+@dataclass(kw_only=True)
+class TransportConfig:
+    heartbeat_s: float = 0.5
+    peer_timeout_s: float = 10.0
+    """A peer silent this long is presumed dead; every survivor then fails."""
+    recv_timeout_s: float = 900.0
+    """Backstop for a single receive from live peers (a stage slower than this fails)."""
+    window: int = 2
+    """Flow control: a producer may run at most this many iterations ahead of a consumer."""
+    max_message_mb: float = 2048.0
+
+    def __post_init__(self):
+        if not 0 < self.heartbeat_s < self.peer_timeout_s:
+            raise ConfigError(f"need 0 < transport.heartbeat_s ({self.heartbeat_s}) < "
+                              f"transport.peer_timeout_s ({self.peer_timeout_s})")
+        if self.window < 1:
+            raise ConfigError(f"transport.window must be >= 1, got {self.window}")
+        if self.recv_timeout_s <= 0 or self.max_message_mb <= 0:
+            raise ConfigError("transport.recv_timeout_s and transport.max_message_mb must be > 0")
+
+
+@dataclass(kw_only=True)
+class FaultConfig:
+    """Failure injection (a test tool): at ``step`` before ``stage``, ``rank`` dies."""
+
+    rank: int = -1
+    step: int = -1
+    stage: str = ""
+    mode: str = "kill"  # kill (SIGKILL, no goodbye) | raise (an exception in the stage)
+
+    def __post_init__(self):
+        if self.mode not in ("kill", "raise"):
+            raise ConfigError(f"fault.mode must be 'kill' or 'raise', got {self.mode!r}")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    steps: int = 10
+    out: str = ""
+    seed: int = 0
+    placement: str = "colocated"
+    groups: dict[str, Any] = field(default_factory=dict)
+    routing: str = "p2p"
+    """``p2p`` (peer-to-peer, the point of distflow) or ``hub``: every edge through rank 0,
+    the single-controller shape, kept as a baseline for benchmarks."""
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        if self.routing not in ("p2p", "hub"):
+            raise ConfigError(f"routing must be 'p2p' or 'hub', got {self.routing!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(key: str, raw: Any, default: Any) -> Any:
+    if not isinstance(raw, str) or isinstance(default, str):
+        return raw
+    try:
+        if isinstance(default, bool):
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "yes")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{key}={raw!r}: expected {type(default).__name__}") from None
+    return raw
+
+
+def _group_size(raw: Any) -> Any:
+    return int(raw) if isinstance(raw, str) and raw.lstrip("-").isdigit() else raw
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    out = {}
+    for a in args:
+        key, sep, value = a.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"argument {a!r} is not key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def resolve(pipeline: Pipeline, overrides: dict[str, Any]) -> RunConfig:
+    """The run config for ``pipeline`` with ``overrides`` (flat dotted keys) applied."""
+    merged = {**pipeline.defaults, **overrides}
+    top = {f.name: f for f in dataclasses.fields(RunConfig)}
+    kwargs: dict[str, Any] = {"groups": {}, "params": dict(pipeline.params)}
+    nested: dict[str, dict] = {"transport": {}, "fault": {}}
+    for key, raw in merged.items():
+        head, _, tail = key.partition(".")
+        if head == "groups" and tail:
+            kwargs["groups"][tail] = _group_size(raw)
+        elif head in nested and tail:
+            cls = TransportConfig if head == "transport" else FaultConfig
+            fields = {f.name: f.default for f in dataclasses.fields(cls)}
+            if tail not in fields:
+                raise ConfigError(f"unknown key {key!r}; {head}.* keys: {sorted(fields)}")
+            nested[head][tail] = _coerce(key, raw, fields[tail])
+        elif key in pipeline.params:
+            kwargs["params"][key] = _coerce(key, raw, pipeline.params[key])
+        elif key in top and key not in ("groups", "params", "transport", "fault"):
+            kwargs[key] = _coerce(key, raw, top[key].default)
+        else:
+            known = sorted([k for k in top if k not in ("groups", "params")] + list(pipeline.params))
+            raise ConfigError(f"unknown config key {key!r} for pipeline {pipeline.name!r}; "
+                              f"known: {known}, groups.<name>, transport.*, fault.*")
+    return RunConfig(**kwargs, transport=TransportConfig(**nested["transport"]),
+                     fault=FaultConfig(**nested["fault"]))

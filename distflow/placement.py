@@ -1,0 +1,82 @@
+"""Placement: which ranks form each worker group; a pure function of the pipeline,
+WORLD_SIZE and the config, so every rank computes the same plan without talking.
+
+Strategies (``placement=`` in the config):
+
+- ``colocated``: every group is every rank; stages time-share the workers.
+- ``split``: each group gets its own ranks. ``groups.<name>=<size>`` sizes a group
+  (ranks are handed out consecutively in order of first use in the pipeline) and
+  ``groups.<name>=<other>`` makes a group share another group's ranks. The sizes must
+  add up to WORLD_SIZE exactly, so no worker idles by accident.
+
+The group ``all`` is always every rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distflow.dag import Pipeline
+
+STRATEGIES = ("colocated", "split")
+
+
+class PlacementError(ValueError):
+    """The placement does not fit WORLD_SIZE or the pipeline."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    strategy: str
+    world_size: int
+    groups: dict[str, tuple[int, ...]]
+
+    def ranks(self, group: str) -> tuple[int, ...]:
+        return self.groups[group]
+
+    def describe(self) -> dict[str, list[int]]:
+        return {g: list(r) for g, r in self.groups.items()}
+
+
+def plan_placement(pipeline: Pipeline, world_size: int, strategy: str = "colocated",
+                   sizes: dict[str, int | str] | None = None) -> Placement:
+    if world_size < 1:
+        raise PlacementError(f"WORLD_SIZE must be >= 1, got {world_size}")
+    if strategy not in STRATEGIES:
+        raise PlacementError(f"placement {strategy!r} is not one of {list(STRATEGIES)}")
+    names = [g for g in pipeline.group_names if g != "all"]
+    sizes = dict(sizes or {})
+    unknown = sorted(set(sizes) - set(names))
+    if unknown:
+        raise PlacementError(f"groups {unknown} are sized in the config but no stage of "
+                             f"pipeline {pipeline.name!r} uses them (groups: {names})")
+    everyone = tuple(range(world_size))
+    if strategy == "colocated":
+        return Placement(strategy, world_size, {"all": everyone, **{g: everyone for g in names}})
+    return Placement(strategy, world_size, {"all": everyone, **_split(names, sizes, world_size)})
+
+
+def _split(names: list[str], sizes: dict, world_size: int) -> dict[str, tuple[int, ...]]:
+    missing = [g for g in names if g not in sizes]
+    if missing:
+        raise PlacementError(f"placement 'split' needs a size for groups {missing} "
+                             f"(e.g. groups.{missing[0]}=1)")
+    groups: dict[str, tuple[int, ...]] = {}
+    next_rank = 0
+    owned = [g for g in names if not isinstance(sizes[g], str)]
+    for g in owned:
+        n = sizes[g]
+        if not isinstance(n, int) or n < 1:
+            raise PlacementError(f"group {g!r} has size {n!r}; a size must be an int >= 1")
+        groups[g] = tuple(range(next_rank, next_rank + n))
+        next_rank += n
+    if next_rank != world_size:
+        detail = " + ".join(f"{g}={sizes[g]}" for g in owned)
+        raise PlacementError(f"group sizes {detail} = {next_rank} but WORLD_SIZE is {world_size}")
+    for g in names:
+        if isinstance(sizes[g], str):
+            target = sizes[g]
+            if target not in groups:
+                raise PlacementError(f"group {g!r} shares the ranks of {target!r}, which is not "
+                                     f"a sized group (sized: {owned})")
+            groups[g] = groups[target]
+    return groups

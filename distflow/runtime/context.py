@@ -1,0 +1,32 @@
+"""What a stage function sees of the run: who it is, which shard, which step."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class StageContext:
+    stage: str
+    rank: int
+    world_size: int
+    group: str
+    ranks: tuple[int, ...]
+    """The ranks of this stage's worker group."""
+    dp_rank: int
+    """This rank's shard index (0 for a replicated stage, which sees the whole batch)."""
+    dp_size: int
+    params: dict[str, Any]
+    seed: int
+    out_dir: Path
+    step: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def log(self, **values: float) -> None:
+        """Record metrics for this step (averaged over the ranks that report them)."""
+        self.metrics.update({k: float(v) for k, v in values.items()})
+
+    def shard(self, n: int) -> range:
+        """Global indices ``[0, n)`` that belong to this rank's shard (strided)."""
+        return range(self.dp_rank, n, self.dp_size)

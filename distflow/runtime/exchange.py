@@ -1,0 +1,188 @@
+"""Moving a stage's output to the ranks of the stages that consume it.
+
+Every edge gets a route, computed identically on every rank from (pipeline, placement,
+routing mode). With ``routing=p2p``:
+
+===========  ===========  ==========================================================
+producer     consumer     route
+===========  ===========  ==========================================================
+dp           dp, same     ``local``: the shard stays on its rank, nothing is sent
+             ranks
+dp           dp, other    ``reshard``: producers swap unit costs, compute one global
+             ranks        LPT plan, send each consumer exactly its units
+dp           replicated   ``gather``: every producer sends its shard to every consumer
+replicated   any          ``replicate``: consumer j takes the batch from itself if it
+                          holds a copy, else from producer j mod P; a dp consumer
+                          keeps its LPT slice
+===========  ===========  ==========================================================
+
+A data-parallel stage with several inputs needs them sharded alike (sample ``i`` of
+every input on the same rank). The planner tracks each datum's sharding; where a
+stage's inputs disagree, their ``local`` edges are upgraded to ``reshard``, whose LPT
+plan depends only on the set of units, so all inputs then agree.
+
+``routing=hub`` sends every edge through rank 0 (gather there, split, send out): the
+single-controller shape of verl-style drivers, kept as the benchmark baseline.
+A consumer always knows exactly which ranks it waits for; every sample arrives once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distflow.dag import Edge, Pipeline
+from distflow.placement import Placement
+from distflow.runtime.batch import Batch
+from distflow.runtime.routing import reshard_plan, split_by_plan, unit_keys, units_of
+from distflow.transport.peer import Peer
+from distflow.transport.wire import Message
+
+HUB = 0
+
+
+@dataclass(frozen=True)
+class Route:
+    edge: Edge
+    kind: str
+    src: tuple[int, ...]
+    dst: tuple[int, ...]
+    src_dp: bool
+    dst_dp: bool
+
+
+def plan_routes(pipeline: Pipeline, placement: Placement, routing: str) -> dict[Edge, Route]:
+    routes: dict[Edge, Route] = {}
+    sharding: dict[str, str] = {}  # stage -> how its outputs are sharded
+    for name in pipeline.order:
+        c = pipeline.stage(name)
+        dst = placement.ranks(c.group)
+        incoming = {}
+        for e in pipeline.in_edges(name):
+            p = pipeline.stage(e.src)
+            src = placement.ranks(p.group)
+            if routing == "hub":
+                kind = "hub"
+            elif not p.data_parallel:
+                kind = "replicate"
+            elif not c.data_parallel:
+                kind = "gather"
+            else:
+                kind = "local" if src == dst else "reshard"
+            incoming[e] = Route(e, kind, src, dst, p.data_parallel, c.data_parallel)
+        balanced = f"lpt:{dst}"
+        labels = {e: sharding[e.src] if r.kind == "local" else balanced for e, r in incoming.items()}
+        if c.data_parallel and len(set(labels.values())) > 1:
+            incoming = {e: Route(e, "reshard", r.src, r.dst, r.src_dp, r.dst_dp)
+                        if r.kind == "local" else r for e, r in incoming.items()}
+            labels = dict.fromkeys(incoming, balanced)
+        routes.update(incoming)
+        if not c.data_parallel:
+            sharding[name] = "whole"
+        else:
+            sharding[name] = next(iter(labels.values()), f"source:{name}:{dst}")
+    return routes
+
+
+def _slice(batch: Batch, n: int, j: int) -> Batch:
+    """Consumer ``j``'s part of a whole batch split over ``n`` consumers by LPT."""
+    _, costs = units_of(batch)
+    return split_by_plan(batch, reshard_plan([costs], n, [unit_keys(batch)])[0], n)[j]
+
+
+def _to_message(src: int, kind: str, key: tuple, batch: Batch) -> Message:
+    return Message(src, kind, key, batch.meta, batch.tensors())
+
+
+def _from_messages(msgs: dict[int, Message], order: tuple[int, ...]) -> Batch:
+    return Batch.cat([Batch.from_tensors(msgs[r].tensors, msgs[r].meta) for r in order])
+
+
+class Exchange:
+    """Sends and receives the batches of one rank, edge by edge, iteration by iteration."""
+
+    def __init__(self, peer: Peer, routes: dict[Edge, Route]):
+        self.peer, self.routes, self.rank = peer, routes, peer.rank
+        self._local: dict[tuple, Batch] = {}
+
+    def _send(self, dst: int, kind: str, key: tuple, batch: Batch, step: int) -> None:
+        self.peer.send(dst, _to_message(self.rank, kind, key, batch), step=step)
+
+    # -- producer side ------------------------------------------------------------------
+    def publish(self, edge: Edge, step: int, batch: Batch) -> None:
+        r = self.routes[edge]
+        key = (step, edge.key)
+        if r.kind == "local":
+            self._local[key] = batch
+        elif r.kind == "hub":
+            if r.src_dp or self.rank == r.src[0]:
+                self._send(HUB, "hub", key, batch, step)
+        elif r.kind == "gather":
+            for d in r.dst:
+                self._send(d, "data", key, batch, step)
+        elif r.kind == "replicate":
+            for j, d in enumerate(r.dst):
+                if self._replica_source(r, j) == self.rank:
+                    part = _slice(batch, len(r.dst), j) if r.dst_dp else batch
+                    self._send(d, "data", key, part, step)
+        else:
+            self._reshard(r, key, batch, step)
+
+    def _reshard(self, r: Route, key: tuple, batch: Batch, step: int) -> None:
+        _, mine = units_of(batch)
+        units = {self.rank: {"costs": mine, "keys": unit_keys(batch)}}
+        others = [s for s in r.src if s != self.rank]
+        for s in others:
+            self.peer.send(s, Message(self.rank, "costs", key, units[self.rank]), step=step)
+        for s, msg in self.peer.recv("costs", key, others).items():
+            units[s] = _checked_units(msg, s)
+        _check_groups_whole(units, r.edge)
+        plan = reshard_plan([units[s]["costs"] for s in r.src], len(r.dst),
+                            [units[s]["keys"] for s in r.src])
+        parts = split_by_plan(batch, plan[r.src.index(self.rank)], len(r.dst))
+        for d, part in zip(r.dst, parts):
+            self._send(d, "data", key, part, step)
+
+    @staticmethod
+    def _replica_source(r: Route, j: int) -> int:
+        return r.dst[j] if r.dst[j] in r.src else r.src[j % len(r.src)]
+
+    # -- the hub (routing=hub, rank 0 only) ---------------------------------------------
+    def forward(self, edge: Edge, step: int) -> None:
+        r = self.routes[edge]
+        key = (step, edge.key)
+        senders = r.src if r.src_dp else r.src[:1]
+        whole = _from_messages(self.peer.recv("hub", key, list(senders)), senders)
+        for j, d in enumerate(r.dst):
+            self._send(d, "data", key, _slice(whole, len(r.dst), j) if r.dst_dp else whole, step)
+
+    # -- consumer side ------------------------------------------------------------------
+    def collect(self, edge: Edge, step: int) -> Batch:
+        r = self.routes[edge]
+        key = (step, edge.key)
+        if r.kind == "local":
+            return self._local.pop(key)
+        if r.kind == "hub":
+            senders: tuple[int, ...] = (HUB,)
+        elif r.kind == "replicate":
+            senders = (self._replica_source(r, r.dst.index(self.rank)),)
+        else:
+            senders = r.src
+        return _from_messages(self.peer.recv("data", key, list(senders)), senders)
+
+
+def _check_groups_whole(units: dict[int, dict[str, list[int]]], edge: Edge) -> None:
+    owner: dict[int, int] = {}
+    for rank, u in sorted(units.items()):
+        for g in u["keys"]:
+            if owner.setdefault(g, rank) != rank:
+                raise ValueError(f"edge {edge.key}: sample group {g} is split across ranks "
+                                 f"{owner[g]} and {rank}; a group must be produced whole on one rank")
+
+
+def _checked_units(msg: Message, src: int) -> dict[str, list[int]]:
+    meta = msg.meta if isinstance(msg.meta, dict) else {}
+    costs, keys = meta.get("costs"), meta.get("keys")
+    ok = (isinstance(costs, list) and isinstance(keys, list) and len(costs) == len(keys)
+          and all(isinstance(v, int) for v in costs + keys))
+    if not ok:
+        raise ValueError(f"rank {src} sent malformed routing costs")
+    return {"costs": costs, "keys": keys}

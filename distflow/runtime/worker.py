@@ -1,0 +1,128 @@
+"""The multi-controller loop of one rank: walk the DAG, run this rank's stages, move data.
+
+Every rank runs this same loop over the same deterministic plan; there is no driver.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Callable
+
+from distflow.config import RunConfig
+from distflow.dag import Pipeline, Stage
+from distflow.placement import Placement
+from distflow.runtime.batch import Batch
+from distflow.runtime.context import StageContext
+from distflow.runtime.exchange import HUB, Exchange, plan_routes
+from distflow.runtime.metrics import MetricsLog, reduce_metrics
+from distflow.transport.peer import Peer
+from distflow.transport.wire import Message
+
+
+class StageError(RuntimeError):
+    """A stage raised or returned something other than its declared outputs."""
+
+
+class Worker:
+    def __init__(self, pipeline: Pipeline, cfg: RunConfig, placement: Placement, peer: Peer,
+                 out_dir: Path, on_step: Callable[[int, dict], None] | None = None):
+        self.pipeline, self.cfg, self.placement, self.peer = pipeline, cfg, placement, peer
+        self.rank, self.out_dir = peer.rank, out_dir
+        self.exchange = Exchange(peer, plan_routes(pipeline, placement, cfg.routing))
+        self.current_stage = ""
+        self.on_step = on_step
+        self._contexts = {name: self._context(pipeline.stage(name)) for name in pipeline.order
+                          if self.rank in placement.ranks(pipeline.stage(name).group)}
+        self._callables: dict[str, Callable] = {}
+        self._metrics_log = MetricsLog(out_dir / "metrics.jsonl") if self.rank == 0 else None
+
+    def _context(self, stage: Stage) -> StageContext:
+        ranks = self.placement.ranks(stage.group)
+        dp_rank, dp_size = (ranks.index(self.rank), len(ranks)) if stage.data_parallel else (0, 1)
+        return StageContext(stage.name, self.rank, self.placement.world_size, stage.group, ranks,
+                            dp_rank, dp_size, self.cfg.params, self.cfg.seed, self.out_dir)
+
+    def run(self) -> None:
+        for step in range(self.cfg.steps):
+            self.run_step(step)
+        self.current_stage = ""
+
+    def run_step(self, step: int) -> None:
+        t_step = time.perf_counter()
+        metrics: dict[str, float] = {}
+        for name in self.pipeline.order:
+            self.current_stage = name
+            self.peer.liveness.update(stage=name, step=step)
+            if name in self._contexts:
+                self._run_stage(self.pipeline.stage(name), step, metrics)
+            if self.cfg.routing == "hub" and self.rank == HUB:
+                for e in self.pipeline.out_edges(name):
+                    self.exchange.forward(e, step)
+        metrics["timing_s/step"] = time.perf_counter() - t_step
+        self.current_stage = "metrics"
+        self.peer.liveness.update(progress=step)
+        self.peer.send(HUB, Message(self.rank, "metrics", (step,), metrics), step=step)
+        if self.rank == HUB:
+            self._write_metrics(step)
+
+    def _run_stage(self, stage: Stage, step: int, metrics: dict[str, float]) -> None:
+        self._maybe_inject_fault(stage.name, step)
+        t0 = time.perf_counter()
+        inputs = {e.name: self.exchange.collect(e, step) for e in self.pipeline.in_edges(stage.name)}
+        if len(inputs) > 1:  # several inputs: align them row by row
+            inputs = {k: v.sorted() for k, v in inputs.items()}
+        t1 = time.perf_counter()
+        ctx = self._contexts[stage.name]
+        ctx.step, ctx.metrics = step, {}
+        try:
+            outputs = self._callable(stage, ctx)(ctx, **inputs)
+        except Exception as e:
+            raise StageError(f"stage {stage.name!r} raised at step {step}: "
+                             f"{type(e).__name__}: {e}") from e
+        t2 = time.perf_counter()
+        outputs = _check_outputs(stage, outputs, step)
+        for e in self.pipeline.out_edges(stage.name):
+            self.exchange.publish(e, step, outputs[e.name])
+        metrics.update(ctx.metrics)
+        metrics[f"timing_s/{stage.name}"] = t2 - t1
+        metrics[f"comm_s/{stage.name}"] = (t1 - t0) + (time.perf_counter() - t2)
+
+    def _callable(self, stage: Stage, ctx: StageContext) -> Callable:
+        if stage.name not in self._callables:
+            # A class is a stateful stage (it holds a model): one instance per rank.
+            self._callables[stage.name] = stage.fn(ctx) if inspect.isclass(stage.fn) else stage.fn
+        return self._callables[stage.name]
+
+    def _write_metrics(self, step: int) -> None:
+        msgs = self.peer.recv("metrics", (step,), list(range(self.placement.world_size)))
+        reduced = reduce_metrics([m.meta for _, m in sorted(msgs.items()) if isinstance(m.meta, dict)])
+        self._metrics_log.write(step, reduced)
+        if self.on_step:
+            self.on_step(step, reduced)
+
+    def _maybe_inject_fault(self, stage: str, step: int) -> None:
+        f = self.cfg.fault
+        if f.rank == self.rank and f.step == step and f.stage in ("", stage):
+            if f.mode == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise StageError(f"stage {stage!r} raised at step {step}: injected fault")
+
+    def close(self) -> None:
+        if self._metrics_log:
+            self._metrics_log.close()
+
+
+def _check_outputs(stage: Stage, outputs, step: int) -> dict[str, Batch]:
+    outputs = {} if outputs is None else outputs
+    if not isinstance(outputs, dict) or set(outputs) != set(stage.outputs):
+        got = sorted(outputs) if isinstance(outputs, dict) else type(outputs).__name__
+        raise StageError(f"stage {stage.name!r} returned {got} at step {step}; it declares "
+                         f"outputs {sorted(stage.outputs)}")
+    for name, value in outputs.items():
+        if not isinstance(value, Batch):
+            raise StageError(f"stage {stage.name!r} output {name!r} is {type(value).__name__}, "
+                             "not a distflow Batch")
+    return outputs

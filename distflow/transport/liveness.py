@@ -1,0 +1,152 @@
+"""Liveness and progress between peers: a heartbeat thread per rank.
+
+Each rank publishes a small msgpack heartbeat ``{rank, stage, step, progress, state,
+reason}`` every ``heartbeat_s`` and at once whenever its progress or state changes; it
+subscribes to every peer's heartbeats. From them it knows
+
+- which peers are alive: a peer silent for ``peer_timeout_s`` is presumed dead;
+- which peer failed and why: a rank that raises publishes ``state="failed"`` before exit;
+- how far each peer has got (``progress`` = last completed iteration), which is what
+  flow control between a producer and a slower consumer waits on.
+
+The first failure seen becomes ``failure`` (a one-line reason naming rank and stage);
+blocking calls of the data plane check it. If the main thread is stuck in user code and
+does not exit within ``peer_timeout_s`` of a failure, the watchdog ends the process, so
+a dead peer never turns into a hang.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+import msgpack
+import zmq
+
+
+class PeerFailure(RuntimeError):
+    """A peer died or failed; the message names its rank and stage."""
+
+
+_HB_FIELDS = {"rank": int, "stage": str, "step": int, "progress": int, "state": str, "reason": str}
+
+
+def _parse_heartbeat(raw: bytes, world_size: int) -> dict | None:
+    try:
+        hb = msgpack.unpackb(raw, raw=False, strict_map_key=True, ext_hook=lambda c, d: None)
+    except Exception:
+        return None
+    if not isinstance(hb, dict) or set(hb) != set(_HB_FIELDS):
+        return None
+    if not all(isinstance(hb[k], t) for k, t in _HB_FIELDS.items()):
+        return None
+    return hb if 0 <= hb["rank"] < world_size else None
+
+
+class Liveness:
+    def __init__(self, zctx: zmq.Context, rank: int, world_size: int, host: str,
+                 heartbeat_s: float, peer_timeout_s: float):
+        self.rank, self.world_size = rank, world_size
+        self.heartbeat_s, self.peer_timeout_s = heartbeat_s, peer_timeout_s
+        self._zctx = zctx
+        self._pub = zctx.socket(zmq.PUB)
+        self._pub.setsockopt(zmq.LINGER, 0)
+        port = self._pub.bind_to_random_port(f"tcp://{host}")
+        self.endpoint = f"tcp://{host}:{port}"
+        self._me = {"rank": rank, "stage": "", "step": -1, "progress": -1, "state": "ok", "reason": ""}
+        self.peers: dict[int, dict] = {}
+        self._last_seen: dict[int, float] = {}
+        self.failure: str | None = None
+        self.changed = threading.Condition()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- called from the main thread -------------------------------------------------
+    def start(self, endpoints: dict[int, str]) -> None:
+        now = time.monotonic()
+        self._sub_endpoints = endpoints
+        self._last_seen = {r: now for r in endpoints if r != self.rank}
+        self.peers = {r: {"stage": "", "step": -1, "progress": -1, "state": "ok"} for r in self._last_seen}
+        self._thread = threading.Thread(target=self._loop, name="distflow-liveness", daemon=True)
+        self._thread.start()
+
+    def update(self, **fields) -> None:
+        """Change what this rank announces (stage, step, progress, state, reason)."""
+        self._me.update(fields)
+        self._wake.set()
+
+    def check(self) -> None:
+        if self.failure:
+            raise PeerFailure(self.failure)
+
+    def progress_of(self, rank: int) -> int:
+        return self.peers[rank]["progress"] if rank != self.rank else self._me["progress"]
+
+    def stop(self, flush_s: float = 0.0) -> None:
+        """Stop heartbeats; wait ``flush_s`` first so a final state reaches the peers."""
+        if flush_s:
+            self._wake.set()
+            time.sleep(flush_s)
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+        self._pub.close(linger=0)
+
+    # -- the heartbeat thread ---------------------------------------------------------
+    def _loop(self) -> None:
+        sub = self._zctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.setsockopt(zmq.MAXMSGSIZE, 4096)
+        for r, ep in self._sub_endpoints.items():
+            if r != self.rank:
+                sub.connect(ep)
+        failed_at = None
+        next_beat = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if self._wake.is_set() or now >= next_beat:
+                self._wake.clear()
+                self._pub.send(msgpack.packb(self._me), zmq.NOBLOCK)
+                next_beat = now + self.heartbeat_s
+            while sub.poll(timeout=min(50, int(self.heartbeat_s * 1000))):
+                self._receive(sub.recv(zmq.NOBLOCK))
+            self._find_dead(time.monotonic())
+            if self.failure and failed_at is None:
+                failed_at = time.monotonic()
+            if failed_at and time.monotonic() - failed_at > self.peer_timeout_s + 5:
+                self._watchdog_exit()
+        sub.close(linger=0)
+
+    def _receive(self, raw: bytes) -> None:
+        hb = _parse_heartbeat(raw, self.world_size)
+        if hb is None or hb["rank"] == self.rank:
+            return  # a malformed heartbeat is ignored, never trusted
+        r = hb["rank"]
+        self._last_seen[r] = time.monotonic()
+        with self.changed:
+            self.peers[r] = hb
+            if hb["state"] == "failed" and not self.failure:
+                self.failure = (f"peer rank {r} (stage {hb['stage'] or '-'!s}, step {hb['step']}) "
+                                f"failed: {hb['reason']}")
+            self.changed.notify_all()
+
+    def _find_dead(self, now: float) -> None:
+        for r, seen in self._last_seen.items():
+            if self.failure:
+                return
+            if self.peers[r]["state"] != "done" and now - seen > self.peer_timeout_s:
+                p = self.peers[r]
+                with self.changed:
+                    self.failure = (f"peer rank {r} (last in stage {p['stage'] or '-'}, step "
+                                    f"{p['step']}) sent no heartbeat for {now - seen:.1f} s "
+                                    f"(> transport.peer_timeout_s={self.peer_timeout_s}); presumed dead")
+                    self.changed.notify_all()
+
+    def _watchdog_exit(self) -> None:
+        print(f"distflow: rank {self.rank} stage {self._me['stage'] or '-'}: {self.failure} "
+              "(main thread did not stop; exiting)", file=sys.stderr, flush=True)
+        os._exit(1)
