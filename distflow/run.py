@@ -20,7 +20,7 @@ from distflow.placement import Placement, plan_placement
 from distflow.runtime.exchange import plan_routes
 from distflow.runtime.progress import ProgressPrinter
 from distflow.runtime.rendezvous import (DistEnv, bind_host, exchange_endpoints,
-                                         init_collectives)
+                                         init_collectives, new_process_groups)
 
 EXIT_CONFIG, EXIT_FAILED = 2, 1
 
@@ -101,6 +101,7 @@ def _run(path, env, pipeline, cfg, placement, out) -> int:
     from distflow.runtime.worker import Worker
 
     init_collectives(env)
+    process_groups = new_process_groups(placement)
     peer = Peer(env.rank, env.world_size, bind_host(env.master_addr), cfg.transport)
     worker = None
     try:
@@ -109,7 +110,8 @@ def _run(path, env, pipeline, cfg, placement, out) -> int:
         if env.rank == 0:
             _write_run_json(out, path, pipeline, cfg, placement, endpoints)
         progress = ProgressPrinter(cfg.steps) if env.rank == 0 else None
-        worker = Worker(pipeline, cfg, placement, peer, out, on_step=progress and progress.update)
+        worker = Worker(pipeline, cfg, placement, peer, out, process_groups,
+                        on_step=progress and progress.update)
         worker.run()
         if progress:
             progress.close()

@@ -20,6 +20,8 @@ class StageContext:
     params: dict[str, Any]
     seed: int
     out_dir: Path
+    process_group: Any = None
+    """torch.distributed group of ``ranks`` (e.g. for gradient all-reduce)."""
     step: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
 

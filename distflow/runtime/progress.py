@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
-_SHOWN = ("reward/mean", "perf/throughput", "timing_s/step")
+_SHOWN = {"reward/mean": "reward", "perf/throughput": "throughput", "timing_s/step": "step_s"}
 
 
 class ProgressPrinter:
@@ -11,8 +11,7 @@ class ProgressPrinter:
         self._bar = tqdm(total=steps, desc="distflow", unit="step", dynamic_ncols=True)
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
-        shown = {k.split("/")[-1] if k != "timing_s/step" else "step_s": f"{metrics[k]:.3g}"
-                 for k in _SHOWN if k in metrics}
+        shown = {label: f"{metrics[k]:.3g}" for k, label in _SHOWN.items() if k in metrics}
         self._bar.set_postfix(shown, refresh=False)
         self._bar.update(1)
 

@@ -65,3 +65,16 @@ def exchange_endpoints(rank: int, world_size: int, mine: dict[str, str]) -> dict
     keys = [f"distflow/endpoints/{r}" for r in range(world_size)]
     store.wait(keys)
     return {r: json.loads(store.get(k)) for r, k in enumerate(keys)}
+
+
+def new_process_groups(placement) -> dict[str, object]:
+    """One torch.distributed group per worker group (collective: every rank calls it).
+
+    Groups with the same ranks share one process group; the whole world uses the default.
+    """
+    by_ranks: dict[tuple[int, ...], object] = {tuple(range(placement.world_size)): dist.group.WORLD}
+    for name in sorted(placement.groups):
+        ranks = placement.groups[name]
+        if ranks not in by_ranks:
+            by_ranks[ranks] = dist.new_group(list(ranks))
+    return {name: by_ranks[ranks] for name, ranks in placement.groups.items()}

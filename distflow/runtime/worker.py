@@ -28,8 +28,10 @@ class StageError(RuntimeError):
 
 class Worker:
     def __init__(self, pipeline: Pipeline, cfg: RunConfig, placement: Placement, peer: Peer,
-                 out_dir: Path, on_step: Callable[[int, dict], None] | None = None):
+                 out_dir: Path, process_groups: dict | None = None,
+                 on_step: Callable[[int, dict], None] | None = None):
         self.pipeline, self.cfg, self.placement, self.peer = pipeline, cfg, placement, peer
+        self.process_groups = process_groups or {}
         self.rank, self.out_dir = peer.rank, out_dir
         self.exchange = Exchange(peer, plan_routes(pipeline, placement, cfg.routing))
         self.current_stage = ""
@@ -43,7 +45,8 @@ class Worker:
         ranks = self.placement.ranks(stage.group)
         dp_rank, dp_size = (ranks.index(self.rank), len(ranks)) if stage.data_parallel else (0, 1)
         return StageContext(stage.name, self.rank, self.placement.world_size, stage.group, ranks,
-                            dp_rank, dp_size, self.cfg.params, self.cfg.seed, self.out_dir)
+                            dp_rank, dp_size, self.cfg.params, self.cfg.seed, self.out_dir,
+                            self.process_groups.get(stage.group))
 
     def run(self) -> None:
         for step in range(self.cfg.steps):
