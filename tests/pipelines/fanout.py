@@ -1,4 +1,4 @@
-"""Test pipeline: fan-out / fan-in over three groups, with per-sample arithmetic whose
+r"""Test pipeline: fan-out / fan-in over three groups, with per-sample arithmetic whose
 result does not depend on how samples are sharded, so a run on any placement must match
 a single-process run value by value.
 
