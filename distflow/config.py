@@ -100,10 +100,10 @@ def _group_size(raw: Any) -> Any:
 def parse_overrides(args: list[str]) -> dict[str, str]:
     out = {}
     for a in args:
-        key, sep, value = a.partition("=")
+        key, sep, value = (part.strip() for part in a.partition("="))
         if not sep or not key:
             raise ConfigError(f"argument {a!r} is not key=value")
-        out[key.strip()] = value.strip()
+        out[key] = value
     return out
 
 

@@ -61,11 +61,13 @@ def _split(names: list[str], sizes: dict, world_size: int) -> dict[str, tuple[in
         raise PlacementError(f"placement 'split' needs a size for groups {missing} "
                              f"(e.g. groups.{missing[0]}=1)")
     groups: dict[str, tuple[int, ...]] = {}
+    if not names:  # every stage runs on `all`: nothing to split
+        return groups
     next_rank = 0
     owned = [g for g in names if not isinstance(sizes[g], str)]
     for g in owned:
         n = sizes[g]
-        if not isinstance(n, int) or n < 1:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise PlacementError(f"group {g!r} has size {n!r}; a size must be an int >= 1")
         groups[g] = tuple(range(next_rank, next_rank + n))
         next_rank += n
