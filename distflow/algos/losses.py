@@ -1,0 +1,146 @@
+"""Policy / value losses and logit helpers.
+
+Losses return ``(loss scalar tensor, stats dict[str, float])``. Policy losses are
+registered in ``POLICY_LOSSES`` and share the signature::
+
+    fn(logp [N, T], old_logp [N, T], advantages [N, T], mask [N, T], **kw)
+
+Low-precision inputs (bf16 / fp16) are computed in float32.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from distflow.algos.core import (AGG_MODES, aggregate, as_float, as_mask, check_2d,
+                                 check_same_shape, lookup, masked_mean)
+from distflow.algos.kl import LOG_RATIO_CLAMP, kl_k1, kl_k3
+
+
+def _check_token_inputs(first_name: str, first: torch.Tensor, mask: torch.Tensor,
+                        **others: torch.Tensor) -> torch.Tensor:
+    """Check ``first`` is [N, T] and mask / others match it; return mask as bool."""
+    check_2d(first_name, first)
+    check_same_shape(first_name, first, mask=mask, **others)
+    return as_mask(mask, first.shape)
+
+
+def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor, clip_eps: float = 0.2,
+                    clip_eps_high: float | None = None, agg: str = "token-mean"):
+    """PPO clipped surrogate: per token max(-A * ratio, -A * clip(ratio, 1-eps, 1+eps_hi)).
+
+    logp, old_logp, advantages, mask: [N, T]; ratio = exp(logp - old_logp) with the
+    log-ratio clamped to +-20. clip_eps_high (DAPO's clip-higher) defaults to clip_eps.
+    agg: one of AGG_MODES (see ``aggregate``). Returns (loss scalar, stats) with stats
+    clipfrac (share of real tokens where the clipped term is active), approx_kl (k3 mean,
+    KL(old || new), >= 0), ppo_kl (k1 mean, verl's ppo_kl) and ratio_mean.
+    """
+    if agg not in AGG_MODES:
+        raise ValueError(f"unknown loss aggregation {agg!r}; known: {', '.join(AGG_MODES)}")
+    hi = clip_eps if clip_eps_high is None else clip_eps_high
+    if not (0.0 <= clip_eps < 1.0 and hi >= 0.0):
+        raise ValueError(f"need 0 <= clip_eps < 1 and clip_eps_high >= 0, "
+                         f"got clip_eps={clip_eps}, clip_eps_high={clip_eps_high}")
+    mask = _check_token_inputs("logp", logp, mask, old_logp=old_logp, advantages=advantages)
+    logp, old_logp, adv = as_float(logp), as_float(old_logp), as_float(advantages)
+    log_ratio = (logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + hi)
+    loss = aggregate(torch.maximum(unclipped, clipped), mask, agg)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).to(logp.dtype), mask).item(),
+            "approx_kl": masked_mean(kl_k3(old_logp, logp), mask).item(),
+            "ppo_kl": masked_mean(kl_k1(old_logp, logp), mask).item(),
+            "ratio_mean": masked_mean(ratio, mask).item(),
+        }
+    return loss, stats
+
+
+POLICY_LOSSES: dict[str, Callable] = {"ppo_clip": ppo_policy_loss}
+
+
+def get_policy_loss(name: str) -> Callable:
+    """The policy loss registered as ``name`` in POLICY_LOSSES; ValueError lists the known."""
+    return lookup(POLICY_LOSSES, name, "policy loss")
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+               mask: torch.Tensor, clip_eps: float = 0.2):
+    """Clipped value loss, token-mean of 0.5 * max((v - R)^2, (v_clip - R)^2).
+
+    values, old_values, returns, mask: [N, T]; v_clip = old + clamp(v - old, -eps, eps).
+    Returns (loss scalar, stats) with vf_clipfrac (share of real tokens where the
+    clipped term is strictly larger) and vf_loss.
+    """
+    if clip_eps < 0:
+        raise ValueError(f"clip_eps must be >= 0, got {clip_eps}")
+    mask = _check_token_inputs("values", values, mask, old_values=old_values, returns=returns)
+    v, old, ret = as_float(values), as_float(old_values), as_float(returns)
+    v_clip = old + (v - old).clamp(-clip_eps, clip_eps)
+    err, err_clip = (v - ret) ** 2, (v_clip - ret) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(err, err_clip), mask)
+    with torch.no_grad():
+        stats = {"vf_clipfrac": masked_mean((err_clip > err).to(v.dtype), mask).item(),
+                 "vf_loss": loss.item()}
+    return loss, stats
+
+
+# --------------------------------------------------------------------- logit helpers
+
+def _check_logits(logits: torch.Tensor) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 2:
+        got = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be [N, T, V] (or [..., V]), got {got}")
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) per position: logits [N, T, V] -> [N, T] (float32+).
+
+    H = logsumexp(z) - sum softmax(z) * z with z shifted by its (detached) max, so
+    large logits lose no precision. Computed one row of the leading dim at a time so
+    the float32 temporaries stay [T, V]. Logits must be finite (-inf entries give NaN).
+    """
+    _check_logits(logits)
+    rows = []
+    for z in logits:
+        z = as_float(z)
+        z = z - z.detach().amax(dim=-1, keepdim=True)
+        lse = torch.logsumexp(z, dim=-1)
+        rows.append(lse - (torch.softmax(z, dim=-1) * z).sum(-1))
+    if not rows:
+        return torch.zeros(logits.shape[:-1], dtype=as_float(logits).dtype,
+                           device=logits.device)
+    return torch.stack(rows)
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] per position: logits [N, T, V], tokens [N, T] -> [N, T].
+
+    Computed as z[token] - logsumexp(z) with z shifted by its detached max, one row of
+    the leading dim at a time (peak extra memory [T, V] in float32, never a full
+    [N, T, V] log_softmax). Every token id, padding included, must be in [0, V).
+    """
+    _check_logits(logits)
+    if not isinstance(tokens, torch.Tensor) or tuple(tokens.shape) != tuple(logits.shape[:-1]):
+        got = list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise ValueError(f"tokens must have shape {list(logits.shape[:-1])} "
+                         f"(logits {list(logits.shape)}), got {got}")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens must be an integer tensor, got {tokens.dtype}")
+    vocab = logits.shape[-1]
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+        raise ValueError(f"token ids must be in [0, {vocab}), got min {int(tokens.min())} "
+                         f"max {int(tokens.max())}")
+    rows = []
+    for z, tok in zip(logits, tokens):
+        z = as_float(z)
+        z = z - z.detach().amax(dim=-1, keepdim=True)   # exact shift: large logits stay precise
+        picked = z.gather(-1, tok.long().unsqueeze(-1)).squeeze(-1)
+        rows.append(picked - torch.logsumexp(z, dim=-1))
+    if not rows:
+        return torch.zeros(tokens.shape, dtype=as_float(logits).dtype, device=logits.device)
+    return torch.stack(rows)
