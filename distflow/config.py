@@ -62,6 +62,10 @@ class RunConfig:
     routing: str = "p2p"
     """``p2p`` (peer-to-peer, the point of distflow) or ``hub``: every edge through rank 0,
     the single-controller shape, kept as a baseline for benchmarks."""
+    save_every: int = 0
+    """Checkpoint every this many steps (0: only after the last step)."""
+    resume: bool = False
+    """Continue from the newest complete checkpoint in ``out``."""
     transport: TransportConfig = field(default_factory=TransportConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     params: dict[str, Any] = field(default_factory=dict)
@@ -69,6 +73,8 @@ class RunConfig:
     def __post_init__(self):
         if self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        if self.save_every < 0:
+            raise ConfigError(f"save_every must be >= 0, got {self.save_every}")
         if self.routing not in ("p2p", "hub"):
             raise ConfigError(f"routing must be 'p2p' or 'hub', got {self.routing!r}")
 

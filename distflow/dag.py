@@ -8,7 +8,8 @@ A pipeline author writes ordinary Python::
         Stage("update",  Update,      inputs=["samples"], group="train"),
     ], params={"lr": 1e-3})
 
-A stage function is called as ``fn(ctx, **inputs) -> {output_name: Batch}``; a class is
+A stage function is called as ``fn(ctx, *inputs) -> {output_name: Batch}``, the inputs in
+the order the stage lists them; a class is
 instantiated once per rank as ``cls(ctx)`` and its instance is then called the same way
 (that is where a stage keeps its model). A stage with no inputs is a *source*: it loads
 its own shard of the iteration's data (``ctx.dp_rank`` of ``ctx.dp_size``).

@@ -71,7 +71,7 @@ def _write_run_json(out: Path, path: str, pipeline: Pipeline, cfg: RunConfig,
 
 
 def _fail(rank: int, stage: str, reason: str, out: Path | None) -> str:
-    line = f"distflow: rank {rank} stage {stage or '-'} failed: {reason}"
+    line = f"distflow: rank {rank} stage {stage or '-'} failed: {' '.join(reason.split())}"
     print(line, file=sys.stderr, flush=True)
     if out is not None:
         (out / "errors").mkdir(parents=True, exist_ok=True)

@@ -63,10 +63,10 @@ def reference(pipeline_path: str | Path, steps: int, out: Path, **params) -> Non
         for name in pipeline.order:
             stage = pipeline.stage(name)
             ctx = StageContext(name, 0, 1, stage.group, (0,), 0, 1, params, 0, out, step=step)
-            inputs = {e.name: data[e.name] for e in pipeline.in_edges(name)}
+            inputs = [data[n] for n in stage.inputs]
             if len(inputs) > 1:
-                inputs = {k: v.sorted() for k, v in inputs.items()}
-            data.update(stage.fn(ctx, **inputs) or {})
+                inputs = [v.sorted() for v in inputs]
+            data.update(stage.fn(ctx, *inputs) or {})
 
 
 def sink_outputs(out: Path) -> dict[str, dict[str, torch.Tensor]]:

@@ -2,7 +2,8 @@
 
 Reduction across the ranks that report a key: ``timing_s/*`` and ``comm_s/*`` take the
 maximum (the slowest rank sets the pace); keys starting with ``count/`` are summed;
-everything else is averaged.
+everything else is averaged. When stages report ``count/tokens``, rank 0 adds verl's
+``perf/throughput``: tokens per second per worker over the whole step.
 """
 from __future__ import annotations
 
@@ -11,6 +12,13 @@ from pathlib import Path
 
 
 def reduce_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    out = _reduce(per_rank)
+    if "count/tokens" in out and out.get("timing_s/step"):
+        out["perf/throughput"] = out["count/tokens"] / out["timing_s/step"] / len(per_rank)
+    return out
+
+
+def _reduce(per_rank: list[dict[str, float]]) -> dict[str, float]:
     values: dict[str, list[float]] = {}
     for m in per_rank:
         for k, v in m.items():
@@ -28,15 +36,38 @@ def reduce_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
 
 
 class MetricsLog:
+    """``metrics.jsonl``, and TensorBoard event files when tensorboard is installed."""
+
     def __init__(self, path: Path):
         self.path = path
         self._fh = open(path, "a", buffering=1)
+        self._tb = _tensorboard(path.parent / "tensorboard")
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         self._fh.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self._tb:
+            for k, v in metrics.items():
+                self._tb.add_scalar(k, v, step)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows of steps after ``step`` (they will be run again on resume)."""
+        self._fh.close()
+        rows = [r for r in read_metrics(self.path) if r["step"] <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self._fh = open(self.path, "a", buffering=1)
 
     def close(self) -> None:
         self._fh.close()
+        if self._tb:
+            self._tb.close()
+
+
+def _tensorboard(log_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # optional: only when the tensorboard package is installed
+        return None
+    return SummaryWriter(str(log_dir))
 
 
 def read_metrics(path: Path | str) -> list[dict]:

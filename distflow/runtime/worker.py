@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from distflow import checkpoint
 from distflow.config import RunConfig
 from distflow.dag import Pipeline, Stage
 from distflow.placement import Placement
@@ -49,9 +50,50 @@ class Worker:
                             self.process_groups.get(stage.group))
 
     def run(self) -> None:
-        for step in range(self.cfg.steps):
+        start = self._resume() if self.cfg.resume else 0
+        for step in range(start, self.cfg.steps):
             self.run_step(step)
+            last = step == self.cfg.steps - 1
+            if last or (self.cfg.save_every and (step + 1) % self.cfg.save_every == 0):
+                self._save(step)
         self.current_stage = ""
+
+    # -- checkpoints --------------------------------------------------------------------
+    def _stateful(self) -> dict[str, object]:
+        """Stage instances on this rank that keep state (models, optimizers, loaders)."""
+        for name, ctx in self._contexts.items():
+            self._callable(self.pipeline.stage(name), ctx)
+        return {n: c for n, c in self._callables.items() if hasattr(c, "save_checkpoint")}
+
+    def _save(self, step: int) -> None:
+        """Every rank writes its stages' state into the staged dir; rank 0 publishes it."""
+        self.current_stage = "checkpoint"
+        root = self.out_dir / "checkpoints"
+        if self.rank == 0:
+            checkpoint.staging(root, step)
+        _barrier()
+        tmp = root / f"step_{step}.tmp"
+        for name, stage in self._stateful().items():
+            (tmp / name).mkdir(parents=True, exist_ok=True)
+            stage.save_checkpoint(self._contexts[name], tmp / name)
+        _barrier()
+        if self.rank == 0:
+            checkpoint.write_json(tmp / "meta.json", {"step": step, "pipeline": self.pipeline.name})
+            checkpoint.commit(root, step)
+        _barrier()
+
+    def _resume(self) -> int:
+        found = checkpoint.latest(self.out_dir / "checkpoints")
+        if found is None:
+            return 0
+        step, path = found
+        for name, stage in self._stateful().items():
+            if hasattr(stage, "load_checkpoint"):
+                self._contexts[name].step = step
+                stage.load_checkpoint(self._contexts[name], path / name)
+        if self._metrics_log:
+            self._metrics_log.truncate_after(step)
+        return step + 1
 
     def run_step(self, step: int) -> None:
         t_step = time.perf_counter()
@@ -81,7 +123,7 @@ class Worker:
         ctx = self._contexts[stage.name]
         ctx.step, ctx.metrics = step, {}
         try:
-            outputs = self._callable(stage, ctx)(ctx, **inputs)
+            outputs = self._callable(stage, ctx)(ctx, *(inputs[n] for n in stage.inputs))
         except Exception as e:
             raise StageError(f"stage {stage.name!r} raised at step {step}: "
                              f"{type(e).__name__}: {e}") from e
@@ -129,3 +171,9 @@ def _check_outputs(stage: Stage, outputs, step: int) -> dict[str, Batch]:
             raise StageError(f"stage {stage.name!r} output {name!r} is {type(value).__name__}, "
                              "not a distflow Batch")
     return outputs
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

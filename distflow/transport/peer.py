@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 import zmq
 
@@ -29,6 +30,7 @@ from distflow.transport.wire import Limits, Message, WireError, decode, encode
 log = logging.getLogger("distflow.transport")
 
 _POLL_MS = 50
+_POLLIN = int(zmq.POLLIN)  # plain int: bit tests on the enum cost more than the syscall
 
 
 class TransportTimeout(TimeoutError):
@@ -94,7 +96,8 @@ class Peer:
                 sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
                 break
             except zmq.Again:  # the socket queue is full: the peer is slow or gone
-                self._wait_a_little(deadline, f"sending {msg.kind} {msg.key} to rank {dst}")
+                self._wait_a_little(deadline, lambda: f"sending {msg.kind} {msg.key} to rank {dst}",
+                                    writable=sock)
         self.bytes_sent += size
 
     def _wait_window(self, dst: int, step: int) -> None:
@@ -110,12 +113,14 @@ class Peer:
                                            f"{self.cfg.recv_timeout_s} s (flow-control window)")
                 self.liveness.changed.wait(_POLL_MS / 1000)
 
-    def _wait_a_little(self, deadline: float, what: str) -> None:
+    def _wait_a_little(self, deadline: float, what: Callable[[], str],
+                       writable: zmq.Socket | None = None) -> None:
+        """One poll slice of a wait; ``what()`` (built only on timeout) names the wait."""
         self.liveness.check()
         if time.monotonic() > deadline:
-            raise TransportTimeout(f"rank {self.rank}: {what} timed out after "
+            raise TransportTimeout(f"rank {self.rank}: {what()} timed out after "
                                    f"{self.cfg.recv_timeout_s} s")
-        self._pump(_POLL_MS)
+        self._pump(_POLL_MS, writable)
 
     # -- receiving --------------------------------------------------------------------
     def recv(self, kind: str, key: tuple, srcs: list[int]) -> dict[int, Message]:
@@ -129,19 +134,26 @@ class Peer:
                 want.discard(k)
             if not want:
                 return got
-            missing = sorted(k[2] for k in want)
-            self._wait_a_little(deadline, f"waiting for {kind} {tuple(key)} from ranks {missing}")
+            self._wait_a_little(deadline, lambda: f"waiting for {kind} {tuple(key)} from ranks "
+                                                  f"{sorted(k[2] for k in want)}")
 
-    def _pump(self, timeout_ms: int) -> None:
-        """Move whatever arrives within ``timeout_ms`` into the mailbox."""
-        if not self._router.poll(timeout_ms):
-            return
-        while True:
+    def _pump(self, timeout_ms: int, writable: zmq.Socket | None = None) -> None:
+        """Move whatever arrives within ``timeout_ms`` into the mailbox; return early, too,
+        once ``writable`` (a send queue that was full) has room again."""
+        if writable is None:
+            ready = self._router.poll(timeout_ms)
+        else:
+            poller = zmq.Poller()
+            poller.register(self._router, zmq.POLLIN)
+            poller.register(writable, zmq.POLLOUT)
+            ready = dict(poller.poll(timeout_ms)).get(self._router, 0)
+        while ready:
             try:
                 frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             self._accept(frames)
+            ready = self._router.get(zmq.EVENTS) & _POLLIN  # no exception when drained
 
     def _accept(self, frames: list) -> None:
         identity = frames[0].bytes

@@ -131,7 +131,7 @@ def _check_spec(spec, limits: Limits) -> tuple[str, torch.dtype, list[int], int]
         raise WireError(f"tensor {name!r}: shape {shape} exceeds the message limit")
     if type(nbytes) is not int:
         raise WireError(f"tensor {name!r}: nbytes must be an int, got {nbytes!r:.40}")
-    itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    itemsize = DTYPES[dtype].itemsize
     if math.prod(shape) * itemsize != nbytes:
         raise WireError(f"tensor {name!r}: shape {shape} x {itemsize} B != {nbytes} B declared")
     return name, DTYPES[dtype], shape, nbytes

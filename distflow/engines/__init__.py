@@ -1,0 +1,1 @@
+"""Per-rank engines: generation (inference) and training."""

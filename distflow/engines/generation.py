@@ -1,0 +1,93 @@
+"""Batched generation with a KV cache over ragged (left-padded) prompts."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from distflow.engines.sampling import SamplingParams, sample
+
+
+@dataclass
+class Generation:
+    prompts: torch.Tensor
+    """[N, P] prompt tokens, left-padded with ``pad_id``."""
+    prompt_mask: torch.Tensor
+    """[N, P] bool, True at real prompt tokens."""
+    responses: torch.Tensor
+    """[N, R] generated tokens (EOS included), right-padded with ``pad_id``."""
+    response_mask: torch.Tensor
+    """[N, R] bool, True at generated tokens up to and including EOS."""
+    logprobs: torch.Tensor
+    """[N, R] float32 log-prob of each generated token under the sampling policy (0 on padding)."""
+    lengths: torch.Tensor
+    """[N] int64 number of generated tokens."""
+
+
+def left_pad(prompts: list[list[int]], pad_id: int,
+             width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tokens [N, P], mask [N, P])`` with each prompt right-aligned; P = ``width`` or
+    the longest prompt."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    longest = max(len(p) for p in prompts)
+    width = width or longest
+    if longest > width:
+        raise ValueError(f"a prompt has {longest} tokens, more than the width {width}")
+    tokens = torch.full((len(prompts), width), pad_id, dtype=torch.int64)
+    mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        tokens[i, width - len(p):] = torch.as_tensor(p, dtype=torch.int64)
+        mask[i, width - len(p):] = True
+    return tokens, mask
+
+
+class InferenceEngine:
+    """Generates with a ``DecoderLM`` (its KV cache) on the model's device."""
+
+    def __init__(self, model, eos_id: int, pad_id: int, max_context: int | None = None):
+        self.model, self.eos_id, self.pad_id = model, eos_id, pad_id
+        self.max_context = max_context or model.config.max_position_embeddings
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 generator: torch.Generator | None = None) -> Generation:
+        from distflow.models import KVCache
+
+        tokens, mask = left_pad(prompts, self.pad_id)
+        n, p = tokens.shape
+        if p + params.max_new_tokens > self.max_context:
+            raise ValueError(f"prompt of {p} tokens + max_new_tokens={params.max_new_tokens} "
+                             f"exceeds the model context of {self.max_context}")
+        dev = self.device
+        was_training = self.model.training
+        self.model.eval()
+        cache = KVCache.allocate(self.model.config, n, p + params.max_new_tokens,
+                                 next(self.model.parameters()).dtype, dev)
+        key_mask = torch.zeros((n, p + params.max_new_tokens), dtype=torch.bool, device=dev)
+        key_mask[:, :p] = mask.to(dev)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0).to(dev)
+        logits = self.model(tokens.to(dev), positions, key_mask[:, :p], cache)[:, -1]
+        next_pos = positions[:, -1] + 1
+        out_tokens, out_logp = [], []
+        done = torch.zeros(n, dtype=torch.bool, device=dev)
+        for t in range(params.max_new_tokens):
+            tok, logp = sample(logits, params, generator)
+            tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
+            out_tokens.append(tok)
+            out_logp.append(torch.where(done, torch.zeros_like(logp), logp))
+            key_mask[:, p + t] = ~done
+            done = done | (tok == self.eos_id)
+            if bool(done.all()) or t == params.max_new_tokens - 1:
+                break
+            logits = self.model(tok[:, None], next_pos[:, None], key_mask[:, :p + t + 1], cache)[:, -1]
+            next_pos = next_pos + 1
+        self.model.train(was_training)
+        responses = torch.stack(out_tokens, 1).cpu()
+        response_mask = key_mask[:, p:p + responses.shape[1]].cpu()
+        return Generation(tokens, mask, responses, response_mask,
+                          torch.stack(out_logp, 1).float().cpu(), response_mask.sum(1))

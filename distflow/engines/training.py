@@ -1,0 +1,111 @@
+"""The training engine of one rank: AdamW, micro-batches by token budget, gradient
+clipping, data parallel over a torch.distributed group, bf16 autocast on GPU.
+
+Exactness across layouts: a loss is a *sum* over the tokens of a micro-batch divided by
+the token count of the whole global batch (all ranks), and gradients are summed over
+ranks once per optimizer step. So the update does not depend on how the batch is split
+into ranks or micro-batches (up to floating-point summation order).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    micro_batch_tokens: int = 4096
+    """Token budget of one micro-batch (gradient accumulation splits by it)."""
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.micro_batch_tokens < 1 or self.grad_clip < 0:
+            raise ValueError(f"bad optimizer config: lr={self.lr} (> 0), micro_batch_tokens="
+                             f"{self.micro_batch_tokens} (>= 1), grad_clip={self.grad_clip} (>= 0)")
+
+
+def micro_batches(lengths: torch.Tensor, budget: int) -> list[torch.Tensor]:
+    """Consecutive index ranges whose token sums stay within ``budget`` (a lone sample
+    longer than the budget gets a micro-batch of its own)."""
+    out, start, used = [], 0, 0
+    for i, n in enumerate(lengths.tolist()):
+        if i > start and used + n > budget:
+            out.append(torch.arange(start, i))
+            start, used = i, 0
+        used += n
+    if start < len(lengths):
+        out.append(torch.arange(start, len(lengths)))
+    return out
+
+
+class TrainEngine:
+    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, group=None):
+        self.model, self.cfg, self.group = model, cfg, group
+        decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+        self.world = dist.get_world_size(group) if dist.is_initialized() else 1
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def global_sum(self, value: float) -> float:
+        """``value`` summed over the data-parallel group."""
+        if self.world == 1:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        dist.all_reduce(t, group=self.group)
+        return float(t.item())
+
+    def step(self, n_samples: int, lengths: torch.Tensor,
+             loss_fn: Callable[[torch.Tensor], tuple[torch.Tensor, dict]],
+             normalizer: float) -> dict[str, float]:
+        """One optimizer step over ``n_samples`` local samples.
+
+        ``loss_fn(index)`` returns (summed loss of those samples, stats) for a micro-batch
+        given as sample indices; it is divided by ``normalizer`` (e.g. the global token
+        count). Returns averaged stats plus ``grad_norm``.
+        """
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=False)
+        stats: dict[str, float] = {}
+        for index in (micro_batches(lengths, self.cfg.micro_batch_tokens) if n_samples else []):
+            with self._autocast():
+                loss, mb_stats = loss_fn(index)
+            (loss / normalizer).backward()
+            for k, v in mb_stats.items():
+                stats[k] = stats.get(k, 0.0) + float(v)
+        self._all_reduce_grads()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or float("inf"))
+        self.optimizer.step()
+        return {**stats, "grad_norm": float(norm)}
+
+    def _all_reduce_grads(self) -> None:
+        if self.world == 1:
+            return
+        for p in self.model.parameters():  # a rank with no samples still joins the sum
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])  # one collective per step
+        dist.all_reduce(flat, group=self.group)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()

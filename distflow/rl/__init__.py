@@ -1,0 +1,2 @@
+"""RL post-training stages (rollout, reward, reference, values, advantages, updates) that
+the built-in pipelines in ``pipelines/`` wire into DAGs."""

@@ -1,0 +1,109 @@
+"""The models of one worker process, built once and shared by the stages placed there.
+
+``actor(ctx)`` is the policy (a model + its training and inference engines), shared by
+the rollout and the actor update when they run in the same process (co-located, like
+verl's hybrid engine). ``reference(ctx)`` is a frozen copy of the initial policy and
+``critic(ctx)`` a model with a scalar value head (PPO).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from distflow.engines.generation import InferenceEngine
+from distflow.engines.training import OptimConfig, TrainEngine
+from distflow.models import DecoderLM, ModelConfig, load_pretrained, load_tokenizer, preset
+from distflow.models.tokenizer import CharTokenizer
+from distflow.rl.tasks import get_task
+
+_PROCESS: dict[str, object] = {}
+
+
+def device_for(ctx) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def tokenizer(ctx):
+    """The checkpoint's ``tokenizer.json`` when ``model`` is a directory, else the task's."""
+    if "tokenizer" not in _PROCESS:
+        model = ctx.params["model"]
+        if Path(model).is_dir():
+            _PROCESS["tokenizer"] = load_tokenizer(model)
+        else:
+            _PROCESS["tokenizer"] = CharTokenizer(get_task(ctx.params["task"]).alphabet)
+    return _PROCESS["tokenizer"]
+
+
+def _initial_model(ctx) -> DecoderLM:
+    """The starting policy: a checkpoint directory or a preset with random weights."""
+    name, tok = ctx.params["model"], tokenizer(ctx)
+    if Path(name).is_dir():
+        model = load_pretrained(name)
+    else:
+        torch.manual_seed(ctx.seed)  # identical initial weights on every rank
+        model = DecoderLM(preset(name, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
+                                 pad_token_id=tok.pad_id))
+    if model.config.vocab_size < tok.vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} tokens but model {name!r} only "
+                         f"{model.config.vocab_size} embeddings")
+    return model.to(device_for(ctx))
+
+
+@dataclass
+class Actor:
+    model: DecoderLM
+    train: TrainEngine
+    infer: InferenceEngine
+
+
+def optim_config(ctx, prefix: str = "") -> OptimConfig:
+    p = ctx.params
+    return OptimConfig(lr=p[f"{prefix}lr"], weight_decay=p.get("weight_decay", 0.0),
+                       grad_clip=p.get("grad_clip", 1.0),
+                       micro_batch_tokens=p.get("micro_batch_tokens", 4096))
+
+
+def actor(ctx) -> Actor:
+    if "actor" not in _PROCESS:
+        model = _initial_model(ctx)
+        tok = tokenizer(ctx)
+        _PROCESS["actor"] = Actor(model, TrainEngine(model, optim_config(ctx), ctx.process_group),
+                                  InferenceEngine(model, tok.eos_id, tok.pad_id))
+    return _PROCESS["actor"]
+
+
+def reference(ctx) -> DecoderLM:
+    """A frozen copy of the initial policy."""
+    if "reference" not in _PROCESS:
+        ref = _initial_model(ctx)
+        ref.requires_grad_(False).eval()
+        _PROCESS["reference"] = ref
+    return _PROCESS["reference"]
+
+
+class Critic(torch.nn.Module):
+    """A decoder with a scalar value head on its last hidden state."""
+
+    def __init__(self, body: DecoderLM):
+        super().__init__()
+        self.body = body
+        self.value_head = torch.nn.Linear(body.config.hidden_size, 1)
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids, position_ids, key_mask) -> torch.Tensor:
+        """Values [B, T] for every position."""
+        _, hidden = self.body(input_ids, position_ids, key_mask, return_hidden=True)
+        return self.value_head(hidden).squeeze(-1).float()
+
+
+def critic(ctx) -> tuple[Critic, TrainEngine]:
+    if "critic" not in _PROCESS:
+        model = Critic(_initial_model(ctx)).to(device_for(ctx))
+        _PROCESS["critic"] = (model, TrainEngine(model, optim_config(ctx, "critic_"),
+                                                 ctx.process_group))
+    return _PROCESS["critic"]

@@ -1,0 +1,269 @@
+"""The stages of RL post-training, each a small class a pipeline places in its DAG.
+
+Batch columns (N samples, P prompt slots, R response slots):
+``prompts`` [N, P] left-padded, ``prompt_mask`` [N, P], ``responses`` [N, R]
+right-padded, ``response_mask`` [N, R], ``old_logprobs`` [N, R] (at generation),
+``rewards`` [N], ``ref_logprobs`` [N, R], ``values`` [N, R] (PPO), ``advantages`` and
+``returns`` [N, R]. Widths are fixed by config (``max_prompt_len``, ``max_new_tokens``)
+so shards from different ranks concatenate.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+
+from distflow import Batch
+from distflow.algos import (entropy_from_logits, gae, get_advantage, get_policy_loss,
+                            kl_divergence, logprobs_from_logits, value_loss)
+from distflow.checkpoint import load_optimizer, save_optimizer
+from distflow.engines.generation import left_pad
+from distflow.engines.sampling import SamplingParams
+from distflow.rl import actors
+from distflow.rl.tasks import get_reward, get_task
+
+
+def model_inputs(batch: Batch, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(tokens, position_ids, key_mask)`` [N, P + R] of prompt + response."""
+    tokens = torch.cat([batch["prompts"], batch["responses"]], 1).to(device)
+    mask = torch.cat([batch["prompt_mask"], batch["response_mask"]], 1).to(device)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    return tokens, positions, mask
+
+
+def response_logits(model, batch: Batch) -> torch.Tensor:
+    """Logits [N, R, V] that predict each response token."""
+    tokens, positions, mask = model_inputs(batch, next(model.parameters()).device)
+    p, r = batch["prompts"].shape[1], batch["responses"].shape[1]
+    return model(tokens, positions, mask)[:, p - 1:p + r - 1].float()
+
+
+def _save_model_state(module: torch.nn.Module, directory: Path, name: str) -> None:
+    save_model(module, str(directory / f"{name}.safetensors"))  # handles tied weights
+
+
+def _load_model_state(module: torch.nn.Module, directory: Path, name: str) -> None:
+    missing, unexpected = load_model(module, str(directory / f"{name}.safetensors"))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {directory}/{name}.safetensors does not match the model: "
+                         f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+
+
+# -- data --------------------------------------------------------------------------------
+class Prompts:
+    """Source: this rank's share of the step's prompts, each repeated ``group_size`` times.
+
+    The prompts of step k are a pure function of (seed, k): the loader's only state is
+    the step, which resume restores.
+    """
+
+    def __init__(self, ctx):
+        self.task = get_task(ctx.params["task"])
+        self.tok = actors.tokenizer(ctx)
+
+    def __call__(self, ctx):
+        n, g = ctx.params["prompts"], ctx.params["group_size"]
+        texts = self.task.prompts(n, ctx.seed, ctx.step)
+        mine = list(ctx.shard(n))
+        encoded = [self.tok.encode(texts[i]) for i in mine for _ in range(g)]
+        tokens, mask = left_pad(encoded, self.tok.pad_id, ctx.params["max_prompt_len"])
+        prompt_ids = torch.tensor(mine, dtype=torch.int64).repeat_interleave(g) + ctx.step * n
+        ids = prompt_ids * g + torch.arange(g).repeat(len(mine))
+        return {"prompts": Batch({"prompts": tokens, "prompt_mask": mask}, ids,
+                                 mask.sum(1), groups=prompt_ids)}
+
+
+# -- generation ----------------------------------------------------------------------------
+class Rollout:
+    """Samples ``group_size`` responses per prompt with the policy (KV-cached)."""
+
+    def __init__(self, ctx):
+        p = ctx.params
+        self.sampling = SamplingParams(temperature=p["temperature"], top_p=p["top_p"],
+                                       top_k=p["top_k"], max_new_tokens=p["max_new_tokens"])
+        self.actor = actors.actor(ctx)
+        context = self.actor.model.config.max_position_embeddings
+        if p["max_prompt_len"] + p["max_new_tokens"] > context:
+            raise ValueError(f"max_prompt_len={p['max_prompt_len']} + max_new_tokens="
+                             f"{p['max_new_tokens']} exceeds the model context of {context}")
+
+    def __call__(self, ctx, prompts: Batch):
+        gen = torch.Generator(device=self.actor.infer.device)
+        gen.manual_seed(ctx.seed * 1_000_003 + ctx.step * 7919 + ctx.rank)
+        rows = [t[m].tolist() for t, m in zip(prompts["prompts"], prompts["prompt_mask"])]
+        out = self.actor.infer.generate(rows, self.sampling, gen)
+        width = self.sampling.max_new_tokens - out.responses.shape[1]
+        pad = self.actor.infer.pad_id
+        responses = F.pad(out.responses, (0, width), value=pad)
+        mask = F.pad(out.response_mask, (0, width), value=False)
+        logprobs = F.pad(out.logprobs, (0, width), value=0.0)
+        n_tokens = int(prompts.lengths.sum() + out.lengths.sum())
+        ctx.log(**{"response_length/mean": out.lengths.float().mean(), "count/tokens": n_tokens})
+        batch = prompts.with_columns(responses=responses, response_mask=mask,
+                                     old_logprobs=logprobs)
+        batch.lengths = prompts.lengths + out.lengths
+        return {"rollouts": batch}
+
+
+# -- scoring -------------------------------------------------------------------------------
+class Reward:
+    """Rule-based reward of each (prompt, completion) text, in the reward stage."""
+
+    def __init__(self, ctx):
+        self.fn = get_reward(ctx.params["reward"])
+        self.tok = actors.tokenizer(ctx)
+
+    def _text(self, tokens: torch.Tensor, mask: torch.Tensor) -> str:
+        ids = [t for t in tokens[mask].tolist() if t != self.tok.eos_id]
+        return self.tok.decode(ids)
+
+    def __call__(self, ctx, rollouts: Batch):
+        rewards = torch.empty(len(rollouts))
+        for i in range(len(rollouts)):
+            prompt = self._text(rollouts["prompts"][i], rollouts["prompt_mask"][i])
+            completion = self._text(rollouts["responses"][i], rollouts["response_mask"][i])
+            try:
+                rewards[i] = float(self.fn(prompt, completion))
+            except Exception as e:
+                raise ValueError(f"reward function {ctx.params['reward']!r} raised on sample "
+                                 f"{int(rollouts.sample_ids[i])} (prompt {prompt!r}, completion "
+                                 f"{completion!r}): {type(e).__name__}: {e}") from e
+        ctx.log(**{"reward/mean": rewards.mean()})
+        return {"scored": rollouts.with_columns(rewards=rewards)}
+
+
+class RefLogprobs:
+    """Log-probs of the responses under the frozen reference policy."""
+
+    def __init__(self, ctx):
+        self.model = actors.reference(ctx)
+
+    @torch.no_grad()
+    def __call__(self, ctx, scored: Batch):
+        logp = logprobs_from_logits(response_logits(self.model, scored), scored["responses"].to(
+            next(self.model.parameters()).device))
+        return {"with_ref": scored.with_columns(ref_logprobs=logp.cpu())}
+
+
+class Values:
+    """PPO: the critic's value of every response position."""
+
+    def __init__(self, ctx):
+        self.critic, _ = actors.critic(ctx)
+
+    @torch.no_grad()
+    def __call__(self, ctx, with_ref: Batch):
+        return {"with_values": with_ref.with_columns(values=_values(self.critic, with_ref).cpu())}
+
+
+def _values(critic, batch: Batch) -> torch.Tensor:
+    tokens, positions, mask = model_inputs(batch, next(critic.parameters()).device)
+    p, r = batch["prompts"].shape[1], batch["responses"].shape[1]
+    return critic(tokens, positions, mask)[:, p - 1:p + r - 1]
+
+
+# -- advantages ----------------------------------------------------------------------------
+class Advantages:
+    """Advantages by the registered estimator named in ``advantage`` (grpo, rloo,
+    reinforce_pp; gae for PPO, with the KL penalty folded into the token rewards)."""
+
+    def __init__(self, ctx):
+        self.name = ctx.params["advantage"]
+        self.fn = get_advantage(self.name)
+
+    def __call__(self, ctx, batch: Batch):
+        mask = batch["response_mask"].float()
+        if self.name == "gae":
+            kl = kl_divergence(batch["old_logprobs"], batch["ref_logprobs"], "k1") * mask
+            token_rewards = -ctx.params["kl_coef"] * kl
+            last = (mask.sum(1).long() - 1).clamp(min=0)
+            token_rewards[torch.arange(len(batch)), last] += batch["rewards"]
+            adv, ret = self.fn(token_rewards, batch["values"], mask, gamma=ctx.params["gamma"],
+                               lam=ctx.params["lam"])
+        else:
+            adv, ret = self.fn(batch["rewards"], mask, batch.groups)
+        return {"train_batch": batch.with_columns(advantages=adv, returns=ret)}
+
+
+# -- updates -------------------------------------------------------------------------------
+class ActorUpdate:
+    """Clipped policy-gradient step(s); for GRPO a KL-to-reference loss term as well."""
+
+    def __init__(self, ctx):
+        self.actor = actors.actor(ctx)
+        self.loss = get_policy_loss(ctx.params.get("policy_loss", "ppo_clip"))
+
+    def _loss(self, ctx, batch: Batch):
+        p = ctx.params
+        logits = response_logits(self.actor.model, batch)
+        dev = logits.device
+        responses, mask = batch["responses"].to(dev), batch["response_mask"].to(dev).float()
+        logp = logprobs_from_logits(logits, responses)
+        n_tok = mask.sum()
+        pg, stats = self.loss(logp, batch["old_logprobs"].to(dev), batch["advantages"].to(dev),
+                              mask, clip_eps=p["clip_eps"])
+        kl = kl_divergence(logp, batch["ref_logprobs"].to(dev), p["kl_estimator"])
+        kl_sum = (kl * mask).sum()
+        loss = pg * n_tok + (p["kl_coef"] * kl_sum if p["kl_loss"] else 0.0)
+        with torch.no_grad():
+            ent = (entropy_from_logits(logits) * mask).sum()
+        tok = float(n_tok)
+        return loss, {"pg_loss": float(pg.detach()) * tok, "kl": float(kl_sum.detach()), "entropy": float(ent),
+                      "clipfrac": stats.get("clipfrac", 0.0) * tok, "tokens": tok}
+
+    _SUMS = ("pg_loss", "kl", "entropy", "clipfrac", "tokens")
+
+    def __call__(self, ctx, batch: Batch):
+        engine = self.actor.train
+        total = engine.global_sum(float(batch["response_mask"].sum()))
+        for _ in range(ctx.params["ppo_epochs"]):
+            stats = engine.step(len(batch), batch.lengths, lambda i: self._loss(ctx, batch.select(i)),
+                                normalizer=max(total, 1.0))
+        # the same keys in the same order on every rank: these are collectives
+        sums = {k: engine.global_sum(stats.get(k, 0.0)) for k in self._SUMS}
+        t = max(sums.pop("tokens"), 1.0)
+        ctx.log(**{f"actor/{k}": v / t for k, v in sums.items()},
+                **{"actor/grad_norm": stats["grad_norm"], "actor/lr": ctx.params["lr"]})
+
+    def save_checkpoint(self, ctx, directory: Path) -> None:
+        if ctx.dp_rank == 0:  # data-parallel replicas hold identical weights
+            _save_model_state(self.actor.model, directory, "model")
+            save_optimizer(self.actor.train.optimizer, directory)
+
+    def load_checkpoint(self, ctx, directory: Path) -> None:
+        _load_model_state(self.actor.model, directory, "model")
+        load_optimizer(self.actor.train.optimizer, directory)
+
+
+class CriticUpdate:
+    """PPO: clipped value-loss step on the critic."""
+
+    def __init__(self, ctx):
+        self.critic, self.engine = actors.critic(ctx)
+
+    def __call__(self, ctx, batch: Batch):
+        total = self.engine.global_sum(float(batch["response_mask"].sum()))
+
+        def loss_fn(i):
+            b = batch.select(i)
+            values = _values(self.critic, b)
+            dev = values.device
+            mask = b["response_mask"].to(dev).float()
+            loss, stats = value_loss(values, b["values"].to(dev), b["returns"].to(dev), mask,
+                                     clip_eps=ctx.params["value_clip"])
+            return loss * mask.sum(), {"vf_loss": float(loss) * float(mask.sum())}
+
+        stats = self.engine.step(len(batch), batch.lengths, loss_fn, normalizer=max(total, 1.0))
+        ctx.log(**{"critic/vf_loss": self.engine.global_sum(stats.get("vf_loss", 0.0)) / max(total, 1.0),
+                   "critic/grad_norm": stats["grad_norm"]})
+
+    def save_checkpoint(self, ctx, directory: Path) -> None:
+        if ctx.dp_rank == 0:
+            _save_model_state(self.critic, directory, "critic")
+            save_optimizer(self.engine.optimizer, directory)
+
+    def load_checkpoint(self, ctx, directory: Path) -> None:
+        _load_model_state(self.critic, directory, "critic")
+        load_optimizer(self.engine.optimizer, directory)
