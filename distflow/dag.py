@@ -70,6 +70,8 @@ class Pipeline:
     params: dict[str, Any] = field(default_factory=dict)
     defaults: dict[str, Any] = field(default_factory=dict)
     """Run-config defaults of this pipeline (e.g. ``{"placement": "split", "groups.train": 2}``)."""
+    check: Callable[[dict[str, Any]], None] | None = None
+    """Validates the resolved ``params`` before any process opens a socket (raise ValueError)."""
 
     def __post_init__(self):
         self.stages = list(self.stages)

@@ -45,6 +45,8 @@ def prepare(path: str, args: list[str], world_size: int) -> tuple[Pipeline, RunC
     cfg = resolve(pipeline, parse_overrides(args))
     placement = plan_placement(pipeline, world_size, cfg.placement, cfg.groups)
     plan_routes(pipeline, placement, cfg.routing)
+    if pipeline.check:
+        pipeline.check(cfg.params)
     cfg.out = cfg.out or f"runs/{pipeline.name}"
     return pipeline, cfg, placement
 

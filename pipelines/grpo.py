@@ -15,6 +15,7 @@ The policy lives in the ``actor`` group, shared by generation and update (co-loc
 like verl's hybrid engine); reward and reference can sit on their own workers.
 """
 from distflow import Pipeline, Stage
+from distflow.rl.checks import check_rl_params
 from distflow.rl.stages import ActorUpdate, Advantages, Prompts, RefLogprobs, Reward, Rollout
 
 pipeline = Pipeline("grpo", [
@@ -31,4 +32,4 @@ pipeline = Pipeline("grpo", [
     "advantage": "grpo", "policy_loss": "ppo_clip", "clip_eps": 0.2, "ppo_epochs": 1,
     "kl_loss": True, "kl_coef": 0.001, "kl_estimator": "low_var_kl",
     "lr": 3e-3, "weight_decay": 0.0, "grad_clip": 1.0, "micro_batch_tokens": 4096,
-}, defaults={"steps": 100})
+}, defaults={"steps": 100}, check=check_rl_params)

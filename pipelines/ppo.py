@@ -9,6 +9,7 @@ The KL to the reference policy is folded into the token rewards (``kl_coef``), a
 the InstructGPT recipe; ``advantage=gae`` with ``gamma``/``lam``.
 """
 from distflow import Pipeline, Stage
+from distflow.rl.checks import check_rl_params
 from distflow.rl.stages import (ActorUpdate, Advantages, CriticUpdate, Prompts, RefLogprobs,
                                 Reward, Rollout, Values)
 
@@ -30,4 +31,4 @@ pipeline = Pipeline("ppo", [
     "kl_loss": False, "kl_coef": 0.01, "kl_estimator": "low_var_kl",
     "lr": 3e-3, "critic_lr": 3e-3, "weight_decay": 0.0, "grad_clip": 1.0,
     "micro_batch_tokens": 4096,
-}, defaults={"steps": 100})
+}, defaults={"steps": 100}, check=check_rl_params)

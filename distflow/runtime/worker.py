@@ -50,6 +50,7 @@ class Worker:
                             self.process_groups.get(stage.group))
 
     def run(self) -> None:
+        self._stateful()  # build every stage (models, engines) before the first step
         start = self._resume() if self.cfg.resume else 0
         for step in range(start, self.cfg.steps):
             self.run_step(step)

@@ -1,0 +1,127 @@
+"""Generation and training engines on a tiny random model."""
+import pytest
+import torch
+
+from distflow.engines.generation import InferenceEngine, left_pad
+from distflow.engines.sampling import SamplingParams, filter_logits
+from distflow.engines.training import OptimConfig, TrainEngine, micro_batches
+from distflow.models import DecoderLM, preset
+
+pytestmark = pytest.mark.timeout(120)
+EOS, PAD = 1, 0
+
+
+def _model(seed=0, vocab=32):
+    torch.manual_seed(seed)
+    return DecoderLM(preset("tiny", vocab_size=vocab, eos_token_id=EOS, pad_token_id=PAD)).eval()
+
+
+def _prompts(seed=0, n=6, vocab=32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (int(torch.randint(1, 9, (1,), generator=g)),),
+                          generator=g).tolist() for _ in range(n)]
+
+
+@torch.no_grad()
+def _greedy_reference(model, prompt, max_new):
+    """Full recompute every step, one prompt at a time, no padding, no cache."""
+    seq, out, logps = list(prompt), [], []
+    for _ in range(max_new):
+        logits = model(torch.tensor([seq]))[0, -1]
+        tok = int(logits.argmax())
+        out.append(tok)
+        logps.append(float(torch.log_softmax(logits.float(), -1)[tok]))
+        if tok == EOS:
+            break
+        seq.append(tok)
+    return out, logps
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_greedy_equals_full_recompute_token_for_token(seed):
+    model = _model(seed)
+    with torch.no_grad():  # make EOS likely for some rows so stopping is exercised
+        model.lm_head.weight[EOS] += 0.15 * model.lm_head.weight.std()
+    prompts = _prompts(seed)
+    gen = InferenceEngine(model, EOS, PAD).generate(prompts, SamplingParams(temperature=0,
+                                                                            max_new_tokens=12))
+    for i, p in enumerate(prompts):
+        ref, ref_logp = _greedy_reference(model, p, 12)
+        n = int(gen.lengths[i])
+        assert gen.responses[i, :n].tolist() == ref, i
+        assert torch.allclose(gen.logprobs[i, :n], torch.tensor(ref_logp), atol=1e-4)
+        assert not gen.response_mask[i, n:].any() and (gen.responses[i, n:] == PAD).all()
+        assert (gen.logprobs[i, n:] == 0).all()
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy():
+    model, prompts = _model(3), _prompts(3)
+    eng = InferenceEngine(model, EOS, PAD)
+    greedy = eng.generate(prompts, SamplingParams(temperature=0, max_new_tokens=6)).responses
+    for params in (SamplingParams(top_k=1, max_new_tokens=6), SamplingParams(top_p=1e-6, max_new_tokens=6)):
+        got = eng.generate(prompts, params, torch.Generator().manual_seed(0)).responses
+        assert torch.equal(got, greedy)
+
+
+def test_sampled_logprobs_match_the_temperature_scaled_policy():
+    model, prompts = _model(4), _prompts(4, n=3)
+    out = InferenceEngine(model, EOS, PAD).generate(
+        prompts, SamplingParams(temperature=0.7, max_new_tokens=5), torch.Generator().manual_seed(1))
+    for i, p in enumerate(prompts):
+        n = int(out.lengths[i])
+        seq = torch.tensor([p + out.responses[i, :n].tolist()])
+        with torch.no_grad():
+            logits = model(seq)[0, len(p) - 1:len(p) - 1 + n] / 0.7
+        want = torch.log_softmax(logits, -1).gather(-1, out.responses[i, :n, None]).squeeze(-1)
+        assert torch.allclose(out.logprobs[i, :n], want, atol=1e-4)
+
+
+def test_filter_logits():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    assert torch.isinf(filter_logits(logits, 2, 1.0)).tolist() == [[True, False, False, True]]
+    probs = torch.softmax(logits, -1)[0]  # [.087, .644, .237, .032]
+    kept = ~torch.isinf(filter_logits(logits, 0, 0.7))
+    assert kept.tolist() == [[False, True, True, False]] and probs[1] < 0.7
+
+
+def test_bad_generation_inputs():
+    eng = InferenceEngine(_model(), EOS, PAD)
+    with pytest.raises(ValueError, match="exceeds the model context of 256"):
+        eng.generate([[5] * 250], SamplingParams(max_new_tokens=10))
+    with pytest.raises(ValueError, match="at least one token"):
+        left_pad([[3], []], PAD)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+
+
+def test_micro_batches_respect_the_token_budget():
+    lengths = torch.tensor([3, 4, 2, 9, 1, 1, 5])
+    parts = micro_batches(lengths, 7)
+    assert [p.tolist() for p in parts] == [[0, 1], [2], [3], [4, 5, 6]]
+    assert torch.cat(parts).tolist() == list(range(7))
+
+
+def _train_once(budget):
+    model = _model(5)
+    engine = TrainEngine(model, OptimConfig(lr=1e-2, micro_batch_tokens=budget))
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, 32, (8, 10), generator=g)
+    lengths = torch.full((8,), 10)
+
+    def loss_fn(index):
+        logits = model(tokens[index])
+        logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, tokens[index, 1:, None])
+        return -logp.sum(), {"tokens": float(logp.numel())}
+
+    stats = engine.step(8, lengths, loss_fn, normalizer=8 * 9)
+    return model, stats
+
+
+def test_update_does_not_depend_on_micro_batching():
+    whole, s1 = _train_once(10_000)
+    split, s2 = _train_once(20)  # 2 samples per micro-batch -> 4 accumulation steps
+    assert s1["tokens"] == s2["tokens"] == 72
+    assert abs(s1["grad_norm"] - s2["grad_norm"]) < 1e-5
+    for a, b in zip(whole.parameters(), split.parameters()):  # the accumulated gradients
+        assert torch.allclose(a.grad, b.grad, atol=1e-6)
+    assert not torch.equal(whole.lm_head.weight, _model(5).lm_head.weight)  # it did train
