@@ -75,7 +75,10 @@ class Batch:
 
     def sorted(self) -> "Batch":
         """The same samples in ascending sample-id order (a canonical order)."""
-        return self.select(torch.argsort(self.sample_ids, stable=True))
+        ids = self.sample_ids
+        if bool((ids[1:] >= ids[:-1]).all()):
+            return self
+        return self.select(torch.argsort(ids, stable=True))
 
     @staticmethod
     def cat(batches: list["Batch"]) -> "Batch":

@@ -82,10 +82,10 @@ def plan_routes(pipeline: Pipeline, placement: Placement, routing: str) -> dict[
     return routes
 
 
-def _slice(batch: Batch, n: int, j: int) -> Batch:
-    """Consumer ``j``'s part of a whole batch split over ``n`` consumers by LPT."""
+def _split(batch: Batch, n: int) -> list[Batch]:
+    """A whole batch split over ``n`` consumers by LPT (consumer j gets part j)."""
     _, costs = units_of(batch)
-    return split_by_plan(batch, reshard_plan([costs], n, [unit_keys(batch)])[0], n)[j]
+    return split_by_plan(batch, reshard_plan([costs], n, [unit_keys(batch)])[0], n)
 
 
 def _to_message(src: int, kind: str, key: tuple, batch: Batch) -> Message:
@@ -119,10 +119,10 @@ class Exchange:
             for d in r.dst:
                 self._send(d, "data", key, batch, step)
         elif r.kind == "replicate":
-            for j, d in enumerate(r.dst):
-                if self._replica_source(r, j) == self.rank:
-                    part = _slice(batch, len(r.dst), j) if r.dst_dp else batch
-                    self._send(d, "data", key, part, step)
+            mine = [j for j in range(len(r.dst)) if self._replica_source(r, j) == self.rank]
+            parts = _split(batch, len(r.dst)) if r.dst_dp and mine else None
+            for j in mine:
+                self._send(r.dst[j], "data", key, parts[j] if parts else batch, step)
         else:
             self._reshard(r, key, batch, step)
 
@@ -151,8 +151,9 @@ class Exchange:
         key = (step, edge.key)
         senders = r.src if r.src_dp else r.src[:1]
         whole = _from_messages(self.peer.recv("hub", key, list(senders)), senders)
-        for j, d in enumerate(r.dst):
-            self._send(d, "data", key, _slice(whole, len(r.dst), j) if r.dst_dp else whole, step)
+        parts = _split(whole, len(r.dst)) if r.dst_dp else [whole] * len(r.dst)
+        for d, part in zip(r.dst, parts):
+            self._send(d, "data", key, part, step)
 
     # -- consumer side ------------------------------------------------------------------
     def collect(self, edge: Edge, step: int) -> Batch:

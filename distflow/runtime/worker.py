@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from distflow import checkpoint
 from distflow.config import RunConfig
 from distflow.dag import Pipeline, Stage
@@ -52,9 +54,12 @@ class Worker:
     def run(self) -> None:
         self._stateful()  # build every stage (models, engines) before the first step
         start = self._resume() if self.cfg.resume else 0
+        self._first_step = start
         for step in range(start, self.cfg.steps):
             self.run_step(step)
             last = step == self.cfg.steps - 1
+            if self.rank == HUB and last:
+                self._write_metrics(step)
             if last or (self.cfg.save_every and (step + 1) % self.cfg.save_every == 0):
                 self._save(step)
         self.current_stage = ""
@@ -111,14 +116,16 @@ class Worker:
         self.current_stage = "metrics"
         self.peer.liveness.update(progress=step)
         self.peer.send(HUB, Message(self.rank, "metrics", (step,), metrics), step=step)
-        if self.rank == HUB:
-            self._write_metrics(step)
+        # Rank 0 logs a step's metrics one step late, so waiting for the slowest rank's
+        # report never stops rank 0 from starting the next step's work.
+        if self.rank == HUB and step - 1 >= self._first_step:
+            self._write_metrics(step - 1)
 
     def _run_stage(self, stage: Stage, step: int, metrics: dict[str, float]) -> None:
         self._maybe_inject_fault(stage.name, step)
         t0 = time.perf_counter()
         inputs = {e.name: self.exchange.collect(e, step) for e in self.pipeline.in_edges(stage.name)}
-        if len(inputs) > 1:  # several inputs: align them row by row
+        if len(inputs) > 1 and not _aligned(list(inputs.values())):  # align row by row
             inputs = {k: v.sorted() for k, v in inputs.items()}
         t1 = time.perf_counter()
         ctx = self._contexts[stage.name]
@@ -159,6 +166,11 @@ class Worker:
     def close(self) -> None:
         if self._metrics_log:
             self._metrics_log.close()
+
+
+def _aligned(batches: list[Batch]) -> bool:
+    first = batches[0].sample_ids
+    return all(torch.equal(b.sample_ids, first) for b in batches[1:])
 
 
 def _check_outputs(stage: Stage, outputs, step: int) -> dict[str, Batch]:

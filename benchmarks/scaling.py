@@ -1,0 +1,340 @@
+"""Scaling benchmark, simulated: distflow's peer-to-peer routing vs a single-controller hub.
+
+For each worker count N it runs ``benchmarks/scaling_pipeline.py`` twice with
+``torchrun --standalone --nproc_per_node=N`` on this machine, same pipeline, same
+placement (``split``: rollout and train groups of N/2 workers each), same inputs; only
+``routing`` differs:
+
+- ``p2p``: distflow's own plan; the only traffic is the rollout -> train re-shard, sent
+  directly from each rollout rank to the train ranks that need its samples;
+- ``hub``: every edge goes through rank 0 (gather, LPT split, send on), the shape of a
+  single-controller driver (verl-style). No artificial delay: it is the same code path
+  with a different routing plan.
+
+GPU compute is emulated with ``time.sleep`` sized by the samples (tokens) each rank holds;
+data movement is real. Weak scaling: ``batch`` samples per worker, so the global batch is
+``batch * N``.
+
+Measurements (per run):
+
+- ``step_s``: the median, over the ``--steps`` iterations that follow ``--warmup`` warm-up
+  iterations, of ``timing_s/step`` in the run's ``metrics.jsonl`` (each rank's wall time for
+  the iteration, max over ranks);
+- throughput ``samples/s = global batch / step_s``; every measured step's
+  ``count/samples`` (summed over the train ranks) must equal the global batch;
+- scaling efficiency ``eff(N) = throughput(N) / (throughput(N0) * N / N0)``, N0 the smallest
+  N run (2 by default), each mode against its own N0 figure;
+- ``wall_samples_per_s``: a cross-check that includes everything between steps (the
+  metrics hand-off to rank 0): the time between metrics.jsonl lines of the measured steps
+  as seen by this process (polled every 20 ms). ``timing_s/step`` is the max over ranks of
+  per-rank windows that are offset from each other, so it reads slightly above the true
+  period: the headline figure is the conservative one;
+- ``overhead_s``: ``step_s`` minus the sum of the per-stage medians of ``timing_s/<stage>``
+  (emulated compute, max over ranks): the time spent moving data and waiting.
+
+Reading the numbers:
+
+- the rollout and train groups do NOT overlap here: rank 0 (a rollout rank) waits at the
+  end of every step for all ranks' metrics before it starts the next step, and every
+  rollout rank waits for rank 0 in the re-shard's cost exchange, so a step takes
+  rollout + train (about 2 x 0.51 s by default) in both modes, not max(rollout, train);
+- on a 2-core box all N processes share two cores, so the data work of the p2p mode (per
+  rank constant under weak scaling) still adds up to N x that on the same two cores, in a
+  burst when the groups hand over; that, not routing, is most of p2p's loss at N=16;
+- the hub's rank 0 moves every edge of the whole global batch (in, concatenate, split,
+  out), N times p2p's per-rank data; that is the single-controller bottleneck measured.
+
+    python benchmarks/scaling.py                        # N = 2,4,8,16, about 4 min on 2 cores
+    python benchmarks/scaling.py --quick --out /tmp/s   # N = 2,4, few steps, < 60 s
+    python benchmarks/scaling.py --workers 2,4,8 --steps 20
+
+Writes ``OUT/scaling.json`` and ``OUT/scaling.png`` (default OUT: benchmarks/results). Each
+run's directory (metrics.jsonl, run.json, torchrun.log) goes to a temporary folder that is
+removed at the end, unless ``--keep-runs DIR`` (kept also when a run fails).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+PIPELINE = HERE / "scaling_pipeline.py"
+RESULTS = HERE / "results"
+MODES = ("p2p", "hub")
+STAGES = ("load", "rollout", "reward", "ref_logprob", "advantage", "update")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+class MetricsWatcher(threading.Thread):
+    """Notes when each line of ``metrics.jsonl`` appears (this process's clock)."""
+
+    def __init__(self, path: Path):
+        super().__init__(daemon=True)
+        self.path, self.arrivals, self._halt = path, [], threading.Event()
+
+    def run(self) -> None:
+        seen = 0
+        while not self._halt.is_set():
+            try:
+                n = self.path.read_bytes().count(b"\n")
+            except OSError:
+                n = 0
+            now = time.perf_counter()
+            self.arrivals.extend([now] * (n - seen))
+            seen = max(seen, n)
+            self._halt.wait(0.02)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+def run_one(n: int, mode: str, args, run_dir: Path) -> dict:
+    """One torchrun of the pipeline; returns its measurements."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    steps = args.warmup + args.steps
+    half = n // 2
+    overrides = [f"routing={mode}", "placement=split", f"groups.rollout={half}",
+                 f"groups.train={n - half}", f"steps={steps}", f"batch={args.batch}",
+                 f"seq_len={args.seq_len}", f"rollout_s={args.rollout_s}",
+                 f"train_s={args.train_s}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={n}", "-m", "distflow.run", str(PIPELINE), f"out={run_dir}",
+           *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    metrics_path = run_dir / "metrics.jsonl"
+    watcher = MetricsWatcher(metrics_path)
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    watcher.start()
+    with open(run_dir / "torchrun.log", "w") as log:
+        try:
+            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                 cwd=REPO, timeout=args.run_timeout)
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    wall = time.perf_counter() - t0
+    watcher.stop()
+    if rc != 0:
+        tail = (run_dir / "torchrun.log").read_text()[-3000:]
+        raise RuntimeError(f"N={n} routing={mode}: torchrun exited with {rc}\n{tail}")
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if [r["step"] for r in rows] != list(range(steps)):
+        raise RuntimeError(f"N={n} routing={mode}: metrics.jsonl has steps "
+                           f"{[r['step'] for r in rows]}, expected 0..{steps - 1}")
+    global_batch = args.batch * n
+    measured = rows[args.warmup:]
+    bad = [r["step"] for r in measured if int(r.get("count/samples", -1)) != global_batch]
+    if bad:
+        raise RuntimeError(f"N={n} routing={mode}: steps {bad} did not train on all "
+                           f"{global_batch} samples")
+    step_times = [r["timing_s/step"] for r in measured]
+    step_s = statistics.median(step_times)
+    stage_s = {s: statistics.median(r.get(f"timing_s/{s}", 0.0) for r in measured) for s in STAGES}
+    comm_s = {s: statistics.median(r.get(f"comm_s/{s}", 0.0) for r in measured) for s in STAGES}
+    arrivals = watcher.arrivals
+    wall_tp = None
+    if len(arrivals) == steps and args.steps >= 2:
+        # lines warmup-1 .. steps-1 bracket the measured steps
+        span = arrivals[-1] - arrivals[args.warmup - 1] if args.warmup else arrivals[-1] - arrivals[0]
+        count = args.steps if args.warmup else args.steps - 1
+        wall_tp = global_batch * count / span if span > 0 else None
+    return {
+        "n": n, "mode": mode, "global_batch": global_batch,
+        "step_s": step_s, "samples_per_s": global_batch / step_s,
+        "step_s_min": min(step_times), "step_s_max": max(step_times),
+        "step_times_s": step_times,
+        "wall_samples_per_s": wall_tp,
+        "overhead_s": step_s - sum(stage_s.values()),
+        "timing_s": stage_s, "comm_s": comm_s,
+        "startup_s": (arrivals[0] - t0) if arrivals else None,
+        "run_wall_s": wall, "loadavg_1m_before": load_before,
+        "loadavg_1m_after": os.getloadavg()[0],
+        "command": shlex.join(["python", "-m", "torch.distributed.run", "--standalone",
+                               f"--nproc_per_node={n}", "-m", "distflow.run",
+                               str(PIPELINE.relative_to(REPO)), f"out={run_dir}", *overrides]),
+    }
+
+
+def add_efficiency(results: list[dict]) -> None:
+    for mode in MODES:
+        runs = sorted((r for r in results if r["mode"] == mode), key=lambda r: r["n"])
+        if not runs:
+            continue
+        base = runs[0]
+        for r in runs:
+            r["efficiency"] = r["samples_per_s"] / (base["samples_per_s"] * r["n"] / base["n"])
+            r["efficiency_base_n"] = base["n"]
+            if r["wall_samples_per_s"] and base["wall_samples_per_s"]:
+                r["wall_efficiency"] = r["wall_samples_per_s"] / (
+                    base["wall_samples_per_s"] * r["n"] / base["n"])
+
+
+def table(results: list[dict], markdown: bool = False) -> str:
+    by = {(r["n"], r["mode"]): r for r in results}
+    ns = sorted({r["n"] for r in results})
+    head = ["N", "global batch", "p2p step s", "p2p samples/s", "p2p eff",
+            "hub step s", "hub samples/s", "hub eff"]
+    lines = []
+    for n in ns:
+        row = [str(n), str(by[(n, MODES[0])]["global_batch"])]
+        for mode in MODES:
+            r = by.get((n, mode))
+            row += ([f"{r['step_s']:.3f}", f"{r['samples_per_s']:.1f}", f"{100 * r['efficiency']:.1f}%"]
+                    if r else ["-", "-", "-"])
+        lines.append(row)
+    if markdown:
+        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(out + ["| " + " | ".join(r) + " |" for r in lines])
+    widths = [max(len(h), *(len(r[i]) for r in lines)) for i, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in lines])
+
+
+def plot(results: list[dict], path: Path, title: str) -> None:
+    """Left: throughput vs N (log-log, ideal linear dashed); right: efficiency vs N."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax_eff) = plt.subplots(1, 2, figsize=(10, 4.2))
+    ns = sorted({r["n"] for r in results})
+    style = {"p2p": ("distflow (routing=p2p)", "o-", "tab:blue"),
+             "hub": ("hub baseline (routing=hub)", "s-", "tab:red")}
+    base = min((r for r in results if r["mode"] == "p2p"), key=lambda r: r["n"])
+    ax.plot(ns, [base["samples_per_s"] * n / base["n"] for n in ns], "--", color="gray",
+            label=f"ideal linear (from p2p at N={base['n']})")
+    for mode in MODES:
+        runs = sorted((r for r in results if r["mode"] == mode), key=lambda r: r["n"])
+        label, marker, color = style[mode]
+        xs = [r["n"] for r in runs]
+        ax.plot(xs, [r["samples_per_s"] for r in runs], marker, color=color, label=label)
+        ax_eff.plot(xs, [100 * r["efficiency"] for r in runs], marker, color=color, label=label)
+        for r in runs:
+            ax_eff.annotate(f"{100 * r['efficiency']:.1f}%", (r["n"], 100 * r["efficiency"]),
+                            textcoords="offset points", xytext=(0, 7 if mode == "p2p" else -14),
+                            ha="center", fontsize=8, color=color)
+    ax_eff.axhline(90, color="gray", ls=":", lw=1, label="90% goal")
+    for a in (ax, ax_eff):
+        a.set_xscale("log", base=2)
+        a.set_xticks(ns, [str(n) for n in ns])
+        a.set_xlabel("workers N (weak scaling)")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    ax.set_yscale("log", base=2)
+    ticks = [base["samples_per_s"] * n / base["n"] for n in ns]
+    ax.set_yticks(ticks, [f"{t:.0f}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_ylabel("samples / s (steady state)")
+    ax_eff.set_ylabel(f"scaling efficiency vs N={ns[0]} (%)")
+    lo = min(100 * r["efficiency"] for r in results)
+    ax_eff.set_ylim(min(lo - 8, 60), 105)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workers", default="2,4,8,16", help="worker counts (even), comma-separated")
+    p.add_argument("--steps", type=int, default=12, help="measured steps per run (after warm-up)")
+    p.add_argument("--warmup", type=int, default=3, help="warm-up steps per run, not measured")
+    p.add_argument("--batch", type=int, default=32, help="samples per worker per step")
+    p.add_argument("--seq-len", type=int, default=4096,
+                   help="max response tokens (rows are padded to it; 48 KiB/sample at 4096)")
+    p.add_argument("--rollout-s", type=float, default=0.008, help="emulated rollout s per sample")
+    p.add_argument("--train-s", type=float, default=0.008,
+                   help="emulated train-side s per sample (reward+ref+update)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: N=2,4, 2+4 steps, batch 16 (< 60 s)")
+    p.add_argument("--run-timeout", type=float, default=300.0, help="seconds per torchrun")
+    p.add_argument("--out", default=str(RESULTS), help="results directory")
+    p.add_argument("--keep-runs", default="", help="keep each run's directory under this folder")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.workers, args.steps, args.warmup, args.batch = "2,4", 4, 2, 16
+    workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    if any(w < 2 or w % 2 for w in workers):
+        p.error("--workers must be even numbers >= 2 (rollout and train get N/2 each)")
+    if args.warmup < 1 or args.steps < 1:
+        p.error("--warmup and --steps must be >= 1")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs_dir = Path(args.keep_runs or tempfile.mkdtemp(prefix="distflow-scaling-"))
+    started = time.perf_counter()
+    results = []
+    for i, n in enumerate(workers):
+        order = MODES if i % 2 == 0 else MODES[::-1]  # alternate, so drift hits both modes
+        for mode in order:
+            try:
+                r = run_one(n, mode, args, runs_dir / f"n{n}-{mode}")
+            except RuntimeError as e:
+                print(f"scaling: {e}\n(run directories kept in {runs_dir})", file=sys.stderr)
+                return 1
+            results.append(r)
+            print(f"N={n:>2} {mode}: step {r['step_s']:.3f} s (min {r['step_s_min']:.3f}, "
+                  f"max {r['step_s_max']:.3f}), {r['samples_per_s']:.1f} samples/s, overhead "
+                  f"{r['overhead_s']:.3f} s, start-up {r['startup_s'] or float('nan'):.1f} s, "
+                  f"load avg {r['loadavg_1m_before']:.1f}", flush=True)
+    if not args.keep_runs:
+        shutil.rmtree(runs_dir, ignore_errors=True)
+    add_efficiency(results)
+    total = time.perf_counter() - started
+    print()
+    print(table(results))
+    print(f"\nsamples/s = global batch / median timing_s/step over {args.steps} steps after "
+          f"{args.warmup} warm-up; eff = samples/s(N) / (samples/s(N0) * N/N0); total {total:.0f} s")
+    meta = {
+        "benchmark": "scaling", "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version()},
+        "command": shlex.join(["python", "benchmarks/scaling.py", *(sys.argv[1:] if argv is None else argv)]),
+        "workers": workers, "warmup_steps": args.warmup, "measured_steps": args.steps,
+        "params": {"batch_per_worker": args.batch, "seq_len": args.seq_len,
+                   "rollout_s": args.rollout_s, "train_s": args.train_s, "group_size": 4,
+                   "placement": "split, groups.rollout=N/2 groups.train=N/2"},
+        "definitions": {
+            "step_s": "median of timing_s/step (max over ranks) over the measured steps",
+            "samples_per_s": "global_batch / step_s, global_batch = batch_per_worker * N",
+            "efficiency": "samples_per_s(N) / (samples_per_s(N0) * N / N0), N0 = smallest N, per mode",
+            "wall_samples_per_s": "global_batch * measured steps / time between metrics.jsonl lines",
+            "wall_efficiency": "efficiency computed from wall_samples_per_s",
+            "overhead_s": "step_s - sum over stages of median timing_s/<stage>",
+        },
+        "total_wall_s": total,
+    }
+    (out / "scaling.json").write_text(json.dumps({**meta, "results": results}, indent=2))
+    plot(results, out / "scaling.png",
+         f"weak scaling, {args.batch} samples/worker, seq_len {args.seq_len}, "
+         f"{os.cpu_count()}-core CPU, compute emulated")
+    print(f"wrote {out / 'scaling.json'}, {out / 'scaling.png'}")
+    print("\nmarkdown:\n" + table(results, markdown=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
