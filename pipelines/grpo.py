@@ -26,7 +26,7 @@ pipeline = Pipeline("grpo", [
     Stage("adv", Advantages, inputs=["with_ref"], outputs=["train_batch"], group="actor"),
     Stage("update_actor", ActorUpdate, inputs=["train_batch"], group="actor"),
 ], params={
-    "model": "tiny", "task": "reverse", "reward": "reverse",
+    "model": "tiny", "task": "reverse", "reward": "reverse", "reward_model": "",
     "prompts": 32, "group_size": 8, "max_prompt_len": 3, "max_new_tokens": 3,
     "temperature": 1.0, "top_p": 1.0, "top_k": 0,
     "advantage": "grpo", "policy_loss": "ppo_clip", "clip_eps": 0.2, "ppo_epochs": 1,

@@ -121,3 +121,31 @@ def test_raising_reward_names_the_sample_and_stage_and_keeps_checkpoints(tmp_pat
     assert checkpoint.latest(out / "checkpoints")[0] == 1
     after = (out / "checkpoints" / "step_1" / "update_actor" / "model.safetensors").read_bytes()
     assert before == after
+
+
+def test_neural_reward_model_slot(tmp_path):
+    from distflow import Batch
+    from distflow.rl.actors import Critic, save_reward_model
+    from distflow.rl.stages import RewardModel
+    from distflow.runtime.context import StageContext
+
+    torch.manual_seed(0)
+    rm = Critic(DecoderLM(preset("tiny", vocab_size=16)))
+    torch.nn.init.normal_(rm.value_head.weight)
+    save_reward_model(rm, tmp_path)
+    ctx = StageContext("reward", 0, 1, "reward", (0,), 0, 1, {"reward_model": str(tmp_path)},
+                       0, tmp_path)
+    stage = RewardModel(ctx)
+    prompts = torch.tensor([[0, 5, 6], [4, 5, 6]])
+    responses = torch.tensor([[7, 1, 0], [7, 8, 1]])
+    b = Batch({"prompts": prompts, "prompt_mask": prompts != 0, "responses": responses,
+               "response_mask": torch.tensor([[True, True, False], [True, True, True]])},
+              torch.arange(2))
+    got = stage(ctx, b)["scored"]["rewards"]
+    with torch.no_grad():  # the reference: the value at the last real token, no padding
+        want0 = rm(torch.tensor([[5, 6, 7, 1]]), None, None)[0, -1]
+        want1 = rm(torch.tensor([[4, 5, 6, 7, 8, 1]]), None, None)[0, -1]
+    assert torch.allclose(got, torch.stack([want0, want1]), atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="value_head.safetensors"):
+        from distflow.rl.actors import load_reward_model
+        load_reward_model(REPO, "cpu")

@@ -107,3 +107,25 @@ def critic(ctx) -> tuple[Critic, TrainEngine]:
         _PROCESS["critic"] = (model, TrainEngine(model, optim_config(ctx, "critic_"),
                                                  ctx.process_group))
     return _PROCESS["critic"]
+
+
+def load_reward_model(directory: str | Path, device) -> Critic:
+    """A neural reward model: an HF-format decoder checkpoint plus ``value_head.safetensors``
+    (a [1, hidden] weight and [1] bias) that scores the last token of a sequence."""
+    from safetensors.torch import load_file
+
+    head = Path(directory) / "value_head.safetensors"
+    if not head.is_file():
+        raise FileNotFoundError(f"reward model {directory} has no value_head.safetensors")
+    model = Critic(load_pretrained(directory))
+    model.value_head.load_state_dict(load_file(str(head)))
+    return model.to(device).eval().requires_grad_(False)
+
+
+def save_reward_model(model: Critic, directory: str | Path) -> None:
+    from safetensors.torch import save_file
+
+    from distflow.models import save_pretrained
+    save_pretrained(model.body, directory)
+    save_file({k: v.contiguous() for k, v in model.value_head.state_dict().items()},
+              str(Path(directory) / "value_head.safetensors"))

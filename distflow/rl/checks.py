@@ -15,6 +15,10 @@ def check_rl_params(params: dict) -> None:
     get_policy_loss(params["policy_loss"])
     get_kl_estimator(params["kl_estimator"])
     get_reward(params["reward"])
+    rm = params.get("reward_model")
+    if rm and not (Path(rm) / "value_head.safetensors").is_file():
+        raise ValueError(f"reward_model={rm!r} must be a checkpoint directory with config.json "
+                         "and value_head.safetensors")
     task = get_task(params["task"])
     model = params["model"]
     if Path(model).is_dir():

@@ -109,7 +109,13 @@ class Rollout:
 
 # -- scoring -------------------------------------------------------------------------------
 class Reward:
-    """Rule-based reward of each (prompt, completion) text, in the reward stage."""
+    """The reward slot: the rule-based ``reward`` of each (prompt, completion) text, or,
+    when ``reward_model=DIR`` is set, the neural ``RewardModel``."""
+
+    def __new__(cls, ctx):
+        if ctx.params.get("reward_model"):
+            return RewardModel(ctx)
+        return super().__new__(cls)
 
     def __init__(self, ctx):
         self.fn = get_reward(ctx.params["reward"])
@@ -130,6 +136,24 @@ class Reward:
                 raise ValueError(f"reward function {ctx.params['reward']!r} raised on sample "
                                  f"{int(rollouts.sample_ids[i])} (prompt {prompt!r}, completion "
                                  f"{completion!r}): {type(e).__name__}: {e}") from e
+        ctx.log(**{"reward/mean": rewards.mean()})
+        return {"scored": rollouts.with_columns(rewards=rewards)}
+
+
+class RewardModel:
+    """Neural reward: a reward model (``reward_model=DIR``, see ``actors.load_reward_model``)
+    scores each prompt + response at its last real token. Place it in the reward slot of a
+    pipeline instead of (or after) the rule-based ``Reward``."""
+
+    def __init__(self, ctx):
+        self.model = actors.load_reward_model(ctx.params["reward_model"], actors.device_for(ctx))
+
+    @torch.no_grad()
+    def __call__(self, ctx, rollouts: Batch):
+        tokens, positions, mask = model_inputs(rollouts, next(self.model.parameters()).device)
+        values = self.model(tokens, positions, mask)
+        last = mask.shape[1] - 1 - mask.long().flip(1).argmax(1)  # last real token
+        rewards = values[torch.arange(len(rollouts)), last].cpu()
         ctx.log(**{"reward/mean": rewards.mean()})
         return {"scored": rollouts.with_columns(rewards=rewards)}
 
