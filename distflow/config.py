@@ -53,6 +53,37 @@ class FaultConfig:
 
 
 @dataclass(kw_only=True)
+class DiLoCoRunConfig:
+    """Low-communication sync between islands of one trainer group (``diloco.*`` keys);
+    see ``distflow.diloco`` for the algorithm and ``DiLoCoConfig`` for the checks."""
+
+    mode: str = "ddp"  # ddp | diloco | streaming
+    group: str = ""
+    """The worker group split into islands (default: the only group that trains)."""
+    islands: int = 1
+    inner_steps: int = 30
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    fragments: int = 1
+    overlap_steps: int = 0
+    alpha: float = 0.0
+    quantize: str = "fp32"
+
+    def algorithm_config(self):
+        from distflow.diloco import DiLoCoConfig
+        return DiLoCoConfig(mode=self.mode, inner_steps=self.inner_steps, outer_lr=self.outer_lr,
+                            outer_momentum=self.outer_momentum, num_fragments=self.fragments,
+                            overlap_steps=self.overlap_steps, alpha=self.alpha,
+                            quantize=self.quantize)
+
+    def __post_init__(self):
+        if self.islands < 1:
+            raise ConfigError(f"diloco.islands must be >= 1, got {self.islands}")
+        if self.mode != "ddp":
+            self.algorithm_config()  # raises ValueError naming the numbers
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     steps: int = 10
     out: str = ""
@@ -68,6 +99,7 @@ class RunConfig:
     """Continue from the newest complete checkpoint in ``out``."""
     transport: TransportConfig = field(default_factory=TransportConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
+    diloco: DiLoCoRunConfig = field(default_factory=DiLoCoRunConfig)
     params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -118,24 +150,25 @@ def resolve(pipeline: Pipeline, overrides: dict[str, Any]) -> RunConfig:
     merged = {**pipeline.defaults, **overrides}
     top = {f.name: f for f in dataclasses.fields(RunConfig)}
     kwargs: dict[str, Any] = {"groups": {}, "params": dict(pipeline.params)}
-    nested: dict[str, dict] = {"transport": {}, "fault": {}}
+    sections = {"transport": TransportConfig, "fault": FaultConfig, "diloco": DiLoCoRunConfig}
+    nested: dict[str, dict] = {name: {} for name in sections}
     for key, raw in merged.items():
         head, _, tail = key.partition(".")
         if head == "groups" and tail:
             kwargs["groups"][tail] = _group_size(raw)
         elif head in nested and tail:
-            cls = TransportConfig if head == "transport" else FaultConfig
+            cls = sections[head]
             fields = {f.name: f.default for f in dataclasses.fields(cls)}
             if tail not in fields:
                 raise ConfigError(f"unknown key {key!r}; {head}.* keys: {sorted(fields)}")
             nested[head][tail] = _coerce(key, raw, fields[tail])
         elif key in pipeline.params:
             kwargs["params"][key] = _coerce(key, raw, pipeline.params[key])
-        elif key in top and key not in ("groups", "params", "transport", "fault"):
+        elif key in top and key not in ("groups", "params", *sections):
             kwargs[key] = _coerce(key, raw, top[key].default)
         else:
-            known = sorted([k for k in top if k not in ("groups", "params")] + list(pipeline.params))
+            known = sorted([k for k in top if k not in ("groups", "params", *sections)]
+                           + list(pipeline.params))
             raise ConfigError(f"unknown config key {key!r} for pipeline {pipeline.name!r}; "
-                              f"known: {known}, groups.<name>, transport.*, fault.*")
-    return RunConfig(**kwargs, transport=TransportConfig(**nested["transport"]),
-                     fault=FaultConfig(**nested["fault"]))
+                              f"known: {known}, groups.<name>, transport.*, fault.*, diloco.*")
+    return RunConfig(**kwargs, **{name: cls(**nested[name]) for name, cls in sections.items()})

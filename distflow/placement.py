@@ -82,3 +82,38 @@ def _split(names: list[str], sizes: dict, world_size: int) -> dict[str, tuple[in
                                      f"a sized group (sized: {owned})")
             groups[g] = groups[target]
     return groups
+
+
+@dataclass(frozen=True)
+class Islands:
+    """A trainer group split into ``count`` islands of consecutive ranks (DiLoCo)."""
+
+    group: str
+    members: tuple[tuple[int, ...], ...]
+
+    def island_of(self, rank: int) -> int:
+        return next(i for i, m in enumerate(self.members) if rank in m)
+
+    def peers_of(self, rank: int) -> tuple[int, ...]:
+        """The rank at the same position in every island (the outer-sync group)."""
+        i = self.island_of(rank)
+        pos = self.members[i].index(rank)
+        return tuple(m[pos] for m in self.members)
+
+
+def plan_islands(pipeline: Pipeline, placement: Placement, group: str, count: int) -> Islands:
+    """Split ``group`` (default: the only group with a stateful stage) into islands."""
+    if not group:
+        stateful = sorted({s.group for s in pipeline.stages if isinstance(s.fn, type)})
+        if len(stateful) != 1:
+            raise PlacementError(f"diloco.group must name the trainer group; candidates: {stateful}")
+        group = stateful[0]
+    if group not in placement.groups:
+        raise PlacementError(f"diloco.group={group!r} is not a group of pipeline "
+                             f"{pipeline.name!r} (groups: {sorted(placement.groups)})")
+    ranks = placement.groups[group]
+    if count < 1 or len(ranks) % count:
+        raise PlacementError(f"diloco.islands={count} does not divide group {group!r} of "
+                             f"{len(ranks)} ranks")
+    size = len(ranks) // count
+    return Islands(group, tuple(ranks[i * size:(i + 1) * size] for i in range(count)))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from distflow.config import RunConfig, parse_overrides, resolve
 from distflow.dag import Pipeline
-from distflow.placement import Placement, plan_placement
+from distflow.placement import Islands, Placement, plan_islands, plan_placement
 from distflow.runtime.exchange import plan_routes
 from distflow.runtime.progress import ProgressPrinter
 from distflow.runtime.rendezvous import (DistEnv, bind_host, exchange_endpoints,
@@ -39,12 +39,19 @@ def load_pipeline(path: str) -> Pipeline:
     return pipeline
 
 
+def islands_of(pipeline: Pipeline, cfg: RunConfig, placement: Placement) -> Islands | None:
+    if cfg.diloco.mode == "ddp":
+        return None
+    return plan_islands(pipeline, placement, cfg.diloco.group, cfg.diloco.islands)
+
+
 def prepare(path: str, args: list[str], world_size: int) -> tuple[Pipeline, RunConfig, Placement]:
     """Everything that can be checked without talking to anyone; raises ValueError."""
     pipeline = load_pipeline(path)
     cfg = resolve(pipeline, parse_overrides(args))
     placement = plan_placement(pipeline, world_size, cfg.placement, cfg.groups)
     plan_routes(pipeline, placement, cfg.routing)
+    islands_of(pipeline, cfg, placement)
     if pipeline.check:
         pipeline.check(cfg.params)
     cfg.out = cfg.out or f"runs/{pipeline.name}"
@@ -103,7 +110,8 @@ def _run(path, env, pipeline, cfg, placement, out) -> int:
     from distflow.runtime.worker import Worker
 
     init_collectives(env)
-    process_groups = new_process_groups(placement)
+    islands = islands_of(pipeline, cfg, placement)
+    process_groups = new_process_groups(placement, islands)
     peer = Peer(env.rank, env.world_size, bind_host(env.master_addr), cfg.transport)
     worker = None
     try:
@@ -112,7 +120,7 @@ def _run(path, env, pipeline, cfg, placement, out) -> int:
         if env.rank == 0:
             _write_run_json(out, path, pipeline, cfg, placement, endpoints)
         progress = ProgressPrinter(cfg.steps) if env.rank == 0 else None
-        worker = Worker(pipeline, cfg, placement, peer, out, process_groups,
+        worker = Worker(pipeline, cfg, placement, peer, out, process_groups, islands,
                         on_step=progress and progress.update)
         worker.run()
         if progress:

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from distflow.checkpoint import load_optimizer, save_optimizer
 
 
 @dataclass(kw_only=True)
@@ -46,8 +50,12 @@ def micro_batches(lengths: torch.Tensor, budget: int) -> list[torch.Tensor]:
 
 
 class TrainEngine:
-    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, group=None):
-        self.model, self.cfg, self.group = model, cfg, group
+    """``group``: the data-parallel group (gradients are summed over it every step).
+    ``sync``: an optional outer synchronization between replicas of this group (DiLoCo,
+    see ``distflow.diloco``), told after every optimizer step."""
+
+    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, group=None, sync=None):
+        self.model, self.cfg, self.group, self.sync = model, cfg, group, sync
         decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
@@ -94,7 +102,39 @@ class TrainEngine:
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or float("inf"))
         self.optimizer.step()
+        if self.sync is not None:
+            self.sync.after_inner_step()
         return {**stats, "grad_norm": float(norm)}
+
+    def sync_stats(self) -> dict[str, float]:
+        return self.sync.stats() if self.sync is not None else {}
+
+    # -- checkpoints: safetensors + JSON, nothing pickled ---------------------------------
+    def _leader(self) -> bool:
+        return not dist.is_initialized() or dist.get_rank(self.group) == 0
+
+    def save(self, directory: Path, island: int = 0) -> None:
+        """Weights, optimizer (and outer-sync) state. Replicas of a group hold the same
+        state, so its first rank writes; with islands, each island writes its own."""
+        if not self._leader():
+            return
+        path = directory / f"island{island}" if self.sync is not None else directory
+        path.mkdir(parents=True, exist_ok=True)
+        save_model(self.model, str(path / "model.safetensors"))  # handles tied weights
+        save_optimizer(self.optimizer, path)
+        if self.sync is not None:
+            save_file({k: v.contiguous() for k, v in self.sync.state_dict().items()},
+                      str(path / "outer.safetensors"))
+
+    def load(self, directory: Path, island: int = 0) -> None:
+        path = directory / f"island{island}" if self.sync is not None else directory
+        missing, unexpected = load_model(self.model, str(path / "model.safetensors"))
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {path} does not match the model: missing "
+                             f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        load_optimizer(self.optimizer, path)
+        if self.sync is not None:
+            self.sync.load_state_dict(load_file(str(path / "outer.safetensors")))
 
     def _all_reduce_grads(self) -> None:
         if self.world == 1:

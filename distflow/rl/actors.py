@@ -71,7 +71,8 @@ def actor(ctx) -> Actor:
     if "actor" not in _PROCESS:
         model = _initial_model(ctx)
         tok = tokenizer(ctx)
-        _PROCESS["actor"] = Actor(model, TrainEngine(model, optim_config(ctx), ctx.process_group),
+        sync = ctx.diloco(model) if ctx.diloco else None
+        _PROCESS["actor"] = Actor(model, TrainEngine(model, optim_config(ctx), ctx.process_group, sync),
                                   InferenceEngine(model, tok.eos_id, tok.pad_id))
     return _PROCESS["actor"]
 
@@ -104,8 +105,9 @@ class Critic(torch.nn.Module):
 def critic(ctx) -> tuple[Critic, TrainEngine]:
     if "critic" not in _PROCESS:
         model = Critic(_initial_model(ctx)).to(device_for(ctx))
+        sync = ctx.diloco(model) if ctx.diloco else None
         _PROCESS["critic"] = (model, TrainEngine(model, optim_config(ctx, "critic_"),
-                                                 ctx.process_group))
+                                                 ctx.process_group, sync))
     return _PROCESS["critic"]
 
 

@@ -13,12 +13,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
 
 from distflow import Batch
 from distflow.algos import (entropy_from_logits, gae, get_advantage, get_policy_loss,
                             kl_divergence, logprobs_from_logits, value_loss)
-from distflow.checkpoint import load_optimizer, save_optimizer
 from distflow.engines.generation import left_pad
 from distflow.engines.sampling import SamplingParams
 from distflow.rl import actors
@@ -38,17 +36,6 @@ def response_logits(model, batch: Batch) -> torch.Tensor:
     tokens, positions, mask = model_inputs(batch, next(model.parameters()).device)
     p, r = batch["prompts"].shape[1], batch["responses"].shape[1]
     return model(tokens, positions, mask)[:, p - 1:p + r - 1].float()
-
-
-def _save_model_state(module: torch.nn.Module, directory: Path, name: str) -> None:
-    save_model(module, str(directory / f"{name}.safetensors"))  # handles tied weights
-
-
-def _load_model_state(module: torch.nn.Module, directory: Path, name: str) -> None:
-    missing, unexpected = load_model(module, str(directory / f"{name}.safetensors"))
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {directory}/{name}.safetensors does not match the model: "
-                         f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
 
 
 # -- data --------------------------------------------------------------------------------
@@ -252,13 +239,10 @@ class ActorUpdate:
                 **{"actor/grad_norm": stats["grad_norm"], "actor/lr": ctx.params["lr"]})
 
     def save_checkpoint(self, ctx, directory: Path) -> None:
-        if ctx.dp_rank == 0:  # data-parallel replicas hold identical weights
-            _save_model_state(self.actor.model, directory, "model")
-            save_optimizer(self.actor.train.optimizer, directory)
+        self.actor.train.save(directory, ctx.island)
 
     def load_checkpoint(self, ctx, directory: Path) -> None:
-        _load_model_state(self.actor.model, directory, "model")
-        load_optimizer(self.actor.train.optimizer, directory)
+        self.actor.train.load(directory, ctx.island)
 
 
 class CriticUpdate:
@@ -284,10 +268,7 @@ class CriticUpdate:
                    "critic/grad_norm": stats["grad_norm"]})
 
     def save_checkpoint(self, ctx, directory: Path) -> None:
-        if ctx.dp_rank == 0:
-            _save_model_state(self.critic, directory, "critic")
-            save_optimizer(self.engine.optimizer, directory)
+        self.engine.save(directory, ctx.island)
 
     def load_checkpoint(self, ctx, directory: Path) -> None:
-        _load_model_state(self.critic, directory, "critic")
-        load_optimizer(self.engine.optimizer, directory)
+        self.engine.load(directory, ctx.island)

@@ -22,6 +22,12 @@ class StageContext:
     out_dir: Path
     process_group: Any = None
     """torch.distributed group of ``ranks`` (e.g. for gradient all-reduce)."""
+    steps: int = 0
+    """Total steps of the run."""
+    island: int = 0
+    """DiLoCo island of this rank (0 without islands)."""
+    diloco: Any = None
+    """With DiLoCo on this stage's group: ``diloco(model) -> DiLoCo`` sync for its trainer."""
     step: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
 

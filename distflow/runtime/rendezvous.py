@@ -67,14 +67,22 @@ def exchange_endpoints(rank: int, world_size: int, mine: dict[str, str]) -> dict
     return {r: json.loads(store.get(k)) for r, k in enumerate(keys)}
 
 
-def new_process_groups(placement) -> dict[str, object]:
-    """One torch.distributed group per worker group (collective: every rank calls it).
+def new_process_groups(placement, islands=None) -> dict[str, object]:
+    """torch.distributed groups, created in the same order on every rank (a collective).
 
-    Groups with the same ranks share one process group; the whole world uses the default.
+    One per worker group (groups with the same ranks share one; the whole world uses the
+    default group). With DiLoCo ``islands``, also one per island (``island/<i>``: its
+    gradient all-reduce) and one per position across islands (``outer/<j>``: the
+    pseudo-gradient exchange).
     """
+    wanted = {name: placement.groups[name] for name in sorted(placement.groups)}
+    if islands is not None:
+        for i, members in enumerate(islands.members):
+            wanted[f"island/{i}"] = members
+        for j in range(len(islands.members[0])):
+            wanted[f"outer/{j}"] = tuple(m[j] for m in islands.members)
     by_ranks: dict[tuple[int, ...], object] = {tuple(range(placement.world_size)): dist.group.WORLD}
-    for name in sorted(placement.groups):
-        ranks = placement.groups[name]
+    for ranks in wanted.values():
         if ranks not in by_ranks:
             by_ranks[ranks] = dist.new_group(list(ranks))
-    return {name: by_ranks[ranks] for name, ranks in placement.groups.items()}
+    return {name: by_ranks[ranks] for name, ranks in wanted.items()}

@@ -31,10 +31,11 @@ class StageError(RuntimeError):
 
 class Worker:
     def __init__(self, pipeline: Pipeline, cfg: RunConfig, placement: Placement, peer: Peer,
-                 out_dir: Path, process_groups: dict | None = None,
+                 out_dir: Path, process_groups: dict | None = None, islands=None,
                  on_step: Callable[[int, dict], None] | None = None):
         self.pipeline, self.cfg, self.placement, self.peer = pipeline, cfg, placement, peer
         self.process_groups = process_groups or {}
+        self.islands = islands
         self.rank, self.out_dir = peer.rank, out_dir
         self.exchange = Exchange(peer, plan_routes(pipeline, placement, cfg.routing))
         self.current_stage = ""
@@ -47,9 +48,21 @@ class Worker:
     def _context(self, stage: Stage) -> StageContext:
         ranks = self.placement.ranks(stage.group)
         dp_rank, dp_size = (ranks.index(self.rank), len(ranks)) if stage.data_parallel else (0, 1)
-        return StageContext(stage.name, self.rank, self.placement.world_size, stage.group, ranks,
-                            dp_rank, dp_size, self.cfg.params, self.cfg.seed, self.out_dir,
-                            self.process_groups.get(stage.group))
+        ctx = StageContext(stage.name, self.rank, self.placement.world_size, stage.group, ranks,
+                           dp_rank, dp_size, self.cfg.params, self.cfg.seed, self.out_dir,
+                           self.process_groups.get(stage.group), steps=self.cfg.steps)
+        if self.islands is not None and stage.group == self.islands.group:
+            ctx.island = self.islands.island_of(self.rank)
+            ctx.process_group = self.process_groups[f"island/{ctx.island}"]
+            ctx.diloco = self._diloco_factory()
+        return ctx
+
+    def _diloco_factory(self) -> Callable:
+        from distflow.diloco import DiLoCo, ProcessGroupReducer
+        pos = self.islands.members[self.islands.island_of(self.rank)].index(self.rank)
+        reducer = ProcessGroupReducer(self.process_groups[f"outer/{pos}"])
+        cfg = self.cfg.diloco.algorithm_config()
+        return lambda model: DiLoCo(model, cfg, reducer)
 
     def run(self) -> None:
         self._stateful()  # build every stage (models, engines) before the first step

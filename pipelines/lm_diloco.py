@@ -1,0 +1,88 @@
+"""Language-model training on real text (the Python standard library's own source, held-out
+split by file), the workload for low-communication training between trainer islands.
+
+    distflow run pipelines/lm_diloco.py --nproc 2                                   # data parallel
+    distflow run pipelines/lm_diloco.py --nproc 2 diloco.mode=diloco diloco.islands=2
+    distflow run pipelines/lm_diloco.py --nproc 2 diloco.mode=streaming diloco.islands=2 \\
+        diloco.fragments=2 diloco.overlap_steps=1 diloco.alpha=0.5 diloco.quantize=e3m0
+
+Metrics: ``train/loss``, ``eval/loss`` (held-out, every ``eval_every`` steps and at the
+end), ``diloco/bytes_sent`` (per island, cumulative) and ``perf/throughput``.
+"""
+import torch
+import torch.nn.functional as F
+
+from distflow import Batch, Pipeline, Stage
+from distflow.data import stdlib_corpus, window_starts, windows
+from distflow.engines.training import OptimConfig, TrainEngine
+from distflow.models import DecoderLM, preset
+
+
+def text_batches(ctx):
+    """This rank's share of the step's random byte windows (seq_len + 1 each)."""
+    p = ctx.params
+    corpus = stdlib_corpus("train")
+    starts = window_starts(len(corpus), p["seq_len"] + 1, ctx.seed, ctx.step, p["batch"])
+    mine = torch.tensor(list(ctx.shard(p["batch"])), dtype=torch.int64)
+    tokens = windows(corpus, starts[mine], p["seq_len"] + 1)
+    return {"text": Batch({"tokens": tokens}, mine + ctx.step * p["batch"],
+                          torch.full((len(mine),), p["seq_len"]))}
+
+
+class LMTrain:
+    """Next-byte prediction with AdamW; data parallel inside an island, DiLoCo between."""
+
+    def __init__(self, ctx):
+        p = ctx.params
+        torch.manual_seed(ctx.seed)
+        cfg = preset("tiny", vocab_size=256, hidden_size=p["hidden"], num_hidden_layers=p["layers"],
+                     intermediate_size=4 * p["hidden"], max_position_embeddings=p["seq_len"] + 1)
+        self.model = DecoderLM(cfg)
+        self.engine = TrainEngine(self.model, OptimConfig(
+            lr=p["lr"], weight_decay=p["weight_decay"], betas=(0.9, 0.95), grad_clip=1.0,
+            micro_batch_tokens=p["micro_batch_tokens"]), ctx.process_group,
+            sync=ctx.diloco(self.model) if ctx.diloco else None)
+        heldout = stdlib_corpus("heldout")
+        starts = window_starts(len(heldout), p["seq_len"] + 1, 12345, 0, p["eval_batch"])
+        self.eval_tokens = windows(heldout, starts, p["seq_len"] + 1)
+
+    def _loss_sum(self, tokens: torch.Tensor) -> torch.Tensor:
+        logits = self.model(tokens[:, :-1]).float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
+                               reduction="sum")
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        loss = self._loss_sum(self.eval_tokens) / self.eval_tokens[:, 1:].numel()
+        self.model.train()
+        return float(loss)
+
+    def __call__(self, ctx, text: Batch):
+        tokens = text["tokens"]
+        n_tok = self.engine.global_sum(tokens[:, 1:].numel())
+
+        def loss_fn(index):
+            loss = self._loss_sum(tokens[index])
+            return loss, {"loss": float(loss.detach())}
+
+        stats = self.engine.step(len(text), text.lengths, loss_fn, normalizer=n_tok)
+        ctx.log(**{"train/loss": self.engine.global_sum(stats.get("loss", 0.0)) / n_tok,
+                   "count/tokens": tokens[:, 1:].numel(), **self.engine.sync_stats()})
+        p = ctx.params
+        if (ctx.step + 1) % p["eval_every"] == 0 or ctx.step + 1 == ctx.steps:
+            ctx.log(**{"eval/loss": self.evaluate()})
+
+    def save_checkpoint(self, ctx, directory):
+        self.engine.save(directory, ctx.island)
+
+    def load_checkpoint(self, ctx, directory):
+        self.engine.load(directory, ctx.island)
+
+
+pipeline = Pipeline("lm_diloco", [
+    Stage("data", text_batches, outputs=["text"], group="trainer"),
+    Stage("train", LMTrain, inputs=["text"], group="trainer"),
+], params={"seq_len": 64, "batch": 32, "hidden": 64, "layers": 4, "lr": 3e-3,
+           "weight_decay": 0.1, "micro_batch_tokens": 8192, "eval_every": 50,
+           "eval_batch": 64}, defaults={"steps": 300})
