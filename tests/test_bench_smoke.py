@@ -1,0 +1,46 @@
+"""Smoke tests of the benchmarks: they run end to end and write sane results."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)  # above the subprocess timeout, so that one reports first
+def test_transport_quick(tmp_path):
+    out = tmp_path / "transport.json"
+    proc = subprocess.run([sys.executable, "benchmarks/transport.py", "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["sizes"]
+    for transport in ("distflow", "pyzmq", "gloo"):
+        for size in doc["sizes"]:
+            r = doc["results"][transport][str(size)]
+            assert r["throughput_MBps"] > 0, (transport, size, r)
+            assert r["rtt_us"] > 0, (transport, size, r)
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(270)  # above the subprocess timeout, so that one reports first
+def test_scaling_quick(tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/scaling.py", "--quick", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "scaling.json").read_text())
+    assert doc["workers"] == [2, 4]
+    got = {(r["n"], r["mode"]): r for r in doc["results"]}
+    for n in doc["workers"]:
+        for mode in ("p2p", "hub"):
+            r = got[(n, mode)]
+            assert r["samples_per_s"] > 0 and r["step_s"] > 0, (n, mode, r)
+            assert r["global_batch"] == doc["params"]["batch_per_worker"] * n
+            assert r["efficiency"] > 0
+    assert (tmp_path / "scaling.png").stat().st_size > 0
