@@ -102,9 +102,10 @@ class Islands:
 
 
 def plan_islands(pipeline: Pipeline, placement: Placement, group: str, count: int) -> Islands:
-    """Split ``group`` (default: the only group with a stateful stage) into islands."""
+    """Split ``group`` (default: the only group whose stages train, i.e. checkpoint a
+    model) into islands."""
     if not group:
-        stateful = sorted({s.group for s in pipeline.stages if isinstance(s.fn, type)})
+        stateful = sorted({s.group for s in pipeline.stages if hasattr(s.fn, "save_checkpoint")})
         if len(stateful) != 1:
             raise PlacementError(f"diloco.group must name the trainer group; candidates: {stateful}")
         group = stateful[0]

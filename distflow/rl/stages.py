@@ -236,7 +236,8 @@ class ActorUpdate:
         sums = {k: engine.global_sum(stats.get(k, 0.0)) for k in self._SUMS}
         t = max(sums.pop("tokens"), 1.0)
         ctx.log(**{f"actor/{k}": v / t for k, v in sums.items()},
-                **{"actor/grad_norm": stats["grad_norm"], "actor/lr": ctx.params["lr"]})
+                **{"actor/grad_norm": stats["grad_norm"], "actor/lr": ctx.params["lr"]},
+                **engine.sync_stats())
 
     def save_checkpoint(self, ctx, directory: Path) -> None:
         self.actor.train.save(directory, ctx.island)
@@ -265,7 +266,8 @@ class CriticUpdate:
 
         stats = self.engine.step(len(batch), batch.lengths, loss_fn, normalizer=max(total, 1.0))
         ctx.log(**{"critic/vf_loss": self.engine.global_sum(stats.get("vf_loss", 0.0)) / max(total, 1.0),
-                   "critic/grad_norm": stats["grad_norm"]})
+                   "critic/grad_norm": stats["grad_norm"]},
+                **{f"critic/{k}": v for k, v in self.engine.sync_stats().items()})
 
     def save_checkpoint(self, ctx, directory: Path) -> None:
         self.engine.save(directory, ctx.island)
