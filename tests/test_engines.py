@@ -125,3 +125,27 @@ def test_update_does_not_depend_on_micro_batching():
     for a, b in zip(whole.parameters(), split.parameters()):  # the accumulated gradients
         assert torch.allclose(a.grad, b.grad, atol=1e-6)
     assert not torch.equal(whole.lm_head.weight, _model(5).lm_head.weight)  # it did train
+
+
+def test_keyed_sampling_depends_only_on_each_rows_seed():
+    model, prompts = _model(6), _prompts(6, n=6)
+    eng = InferenceEngine(model, EOS, PAD)
+    params = SamplingParams(temperature=1.0, max_new_tokens=6)
+    seeds = torch.arange(100, 106)
+    whole = eng.generate(prompts, params, row_seeds=seeds)
+    # the same rows in another batch, in another order: the same tokens
+    order = [4, 1, 5]
+    part = eng.generate([prompts[i] for i in order], params, row_seeds=seeds[order])
+    for j, i in enumerate(order):
+        n = int(whole.lengths[i])
+        assert part.responses[j, :n].tolist() == whole.responses[i, :n].tolist()
+    other = eng.generate(prompts, params, row_seeds=seeds + 1000)
+    assert not torch.equal(other.responses, whole.responses)
+
+
+def test_counter_based_uniform_is_uniform():
+    from distflow.engines.sampling import uniform
+    u = uniform(torch.arange(200_000))
+    assert 0 <= float(u.min()) and float(u.max()) < 1
+    hist = torch.histc(u.float(), bins=10, min=0, max=1) / len(u)
+    assert (hist - 0.1).abs().max() < 0.005

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distflow.engines.sampling import SamplingParams, sample
+from distflow.engines.sampling import SamplingParams, sample, splitmix64
 
 
 @dataclass
@@ -55,7 +55,10 @@ class InferenceEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams,
-                 generator: torch.Generator | None = None) -> Generation:
+                 generator: torch.Generator | None = None,
+                 row_seeds: torch.Tensor | None = None) -> Generation:
+        """Sample up to ``max_new_tokens`` per prompt. ``row_seeds`` (int64 [N]) makes each
+        row's draws a function of its own seed only (see ``sampling.uniform``)."""
         from distflow.models import KVCache
 
         tokens, mask = left_pad(prompts, self.pad_id)
@@ -75,8 +78,10 @@ class InferenceEngine:
         next_pos = positions[:, -1] + 1
         out_tokens, out_logp = [], []
         done = torch.zeros(n, dtype=torch.bool, device=dev)
+        row_keys = None if row_seeds is None else splitmix64(row_seeds.to(torch.int64))
         for t in range(params.max_new_tokens):
-            tok, logp = sample(logits, params, generator)
+            keys = None if row_keys is None else splitmix64(row_keys + t)
+            tok, logp = sample(logits, params, generator, keys)
             tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
             out_tokens.append(tok)
             out_logp.append(torch.where(done, torch.zeros_like(logp), logp))

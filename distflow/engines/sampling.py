@@ -41,10 +41,39 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-def sample(logits: torch.Tensor, params: SamplingParams,
-           generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _signed(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_GOLDEN, _MIX1, _MIX2 = (_signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9),
+                         _signed(0x94D049BB133111EB))
+
+
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """The splitmix64 mix of int64 [...] (int64 arithmetic wraps, as the hash needs)."""
+    x = x + _GOLDEN
+    x = (x ^ _shr(x, 30)) * _MIX1
+    x = (x ^ _shr(x, 27)) * _MIX2
+    return x ^ _shr(x, 31)
+
+
+def uniform(keys: torch.Tensor) -> torch.Tensor:
+    """float64 [B] in [0, 1), a pure function of each int64 key: counter-based
+    randomness, so a sample's draw does not depend on which rank or batch it is in."""
+    return _shr(splitmix64(keys), 11).double() * 2.0 ** -53
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+           keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens [B] and their log-probs [B] under the temperature-scaled policy.
 
+    With ``keys`` (int64 [B], one per row and decoding step) each row draws from its own
+    counter-based stream: the same sample gets the same tokens on any placement.
     The log-prob is taken before top-k/top-p truncation: it is the policy's own
     probability, the one an RL loss compares against (as verl and TRL do).
     """
@@ -53,6 +82,13 @@ def sample(logits: torch.Tensor, params: SamplingParams,
         tokens = logits.argmax(-1)
         return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
     scaled = logits / params.temperature
-    filtered = filter_logits(scaled, params.top_k, params.top_p)
-    tokens = torch.multinomial(torch.softmax(filtered, -1), 1, generator=generator).squeeze(-1)
+    probs = torch.softmax(filter_logits(scaled, params.top_k, params.top_p), -1)
+    if keys is None:
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    else:  # inverse-CDF sampling with one uniform per row
+        cdf = probs.double().cumsum(-1)
+        u = uniform(keys.to(cdf.device))[:, None] * cdf[:, -1:]
+        tokens = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+        # never pick a token the filters removed (possible only at a float boundary)
+        tokens = torch.where(probs.gather(-1, tokens[:, None]).squeeze(-1) > 0, tokens, probs.argmax(-1))
     return tokens, torch.log_softmax(scaled, -1).gather(-1, tokens[:, None]).squeeze(-1)

@@ -77,10 +77,11 @@ class Rollout:
                              f"{p['max_new_tokens']} exceeds the model context of {context}")
 
     def __call__(self, ctx, prompts: Batch):
-        gen = torch.Generator(device=self.actor.infer.device)
-        gen.manual_seed(ctx.seed * 1_000_003 + ctx.step * 7919 + ctx.rank)
         rows = [t[m].tolist() for t, m in zip(prompts["prompts"], prompts["prompt_mask"])]
-        out = self.actor.infer.generate(rows, self.sampling, gen)
+        # each sample's randomness depends on (seed, sample id) only: any placement, any
+        # number of workers, the same responses
+        row_seeds = prompts.sample_ids + ctx.seed * 1_000_000_007
+        out = self.actor.infer.generate(rows, self.sampling, row_seeds=row_seeds)
         width = self.sampling.max_new_tokens - out.responses.shape[1]
         pad = self.actor.infer.pad_id
         responses = F.pad(out.responses, (0, width), value=pad)
