@@ -93,6 +93,11 @@ class RunConfig:
     routing: str = "p2p"
     """``p2p`` (peer-to-peer, the point of distflow) or ``hub``: every edge through rank 0,
     the single-controller shape, kept as a baseline for benchmarks."""
+    max_staleness: int = 0
+    """Disaggregated placement: a rollout may use weights this many updates old
+    (0: on-policy, no overlap; 1: generation of step k+1 overlaps training of step k)."""
+    verify_weights: bool = False
+    """Record a sha256 of the weights on both sides of every sync (weights/ in ``out``)."""
     save_every: int = 0
     """Checkpoint every this many steps (0: only after the last step)."""
     resume: bool = False
@@ -105,6 +110,11 @@ class RunConfig:
     def __post_init__(self):
         if self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        if self.max_staleness < 0:
+            raise ConfigError(f"max_staleness must be >= 0, got {self.max_staleness}")
+        if self.transport.window <= self.max_staleness:
+            raise ConfigError(f"transport.window={self.transport.window} must exceed "
+                              f"max_staleness={self.max_staleness}")
         if self.save_every < 0:
             raise ConfigError(f"save_every must be >= 0, got {self.save_every}")
         if self.routing not in ("p2p", "hub"):

@@ -72,6 +72,12 @@ class Pipeline:
     """Run-config defaults of this pipeline (e.g. ``{"placement": "split", "groups.train": 2}``)."""
     check: Callable[[dict[str, Any]], None] | None = None
     """Validates the resolved ``params`` before any process opens a socket (raise ValueError)."""
+    layouts: dict[str, Callable[[int], dict[str, int | str]]] = field(default_factory=dict)
+    """Default group sizes per placement strategy, as a function of WORLD_SIZE
+    (``groups.<name>=`` on the command line overrides them)."""
+    weight_sync: tuple[str, str] | None = None
+    """``(trainer group, rollout group)``: when they are different workers, the trainer
+    sends its weights to the rollout group after every update (disaggregated placement)."""
 
     def __post_init__(self):
         self.stages = list(self.stages)

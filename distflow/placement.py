@@ -8,6 +8,13 @@ Strategies (``placement=`` in the config):
   (ranks are handed out consecutively in order of first use in the pipeline) and
   ``groups.<name>=<other>`` makes a group share another group's ranks. The sizes must
   add up to WORLD_SIZE exactly, so no worker idles by accident.
+- ``interleaved``: a split in which models with no dependency between them (e.g. the
+  reference and the reward model) get disjoint groups and so run at the same time.
+- ``disaggregated``: a split in which generation runs on its own group with its own copy
+  of the policy, refreshed from the trainer group after every update.
+
+``interleaved`` and ``disaggregated`` take their default sizes from the pipeline's
+``layouts`` (a function of WORLD_SIZE); ``groups.<name>=`` overrides any of them.
 
 The group ``all`` is always every rank.
 """
@@ -17,7 +24,7 @@ from dataclasses import dataclass
 
 from distflow.dag import Pipeline
 
-STRATEGIES = ("colocated", "split")
+STRATEGIES = ("colocated", "split", "interleaved", "disaggregated")
 
 
 class PlacementError(ValueError):
@@ -52,13 +59,30 @@ def plan_placement(pipeline: Pipeline, world_size: int, strategy: str = "colocat
     everyone = tuple(range(world_size))
     if strategy == "colocated":
         return Placement(strategy, world_size, {"all": everyone, **{g: everyone for g in names}})
+    if strategy in pipeline.layouts:
+        sizes = {**pipeline.layouts[strategy](world_size), **sizes}
     return Placement(strategy, world_size, {"all": everyone, **_split(names, sizes, world_size)})
+
+
+def weight_sync_ranks(pipeline: Pipeline, placement: Placement) -> tuple[int, ...] | None:
+    """``(source, *receivers)`` of the trainer -> rollout weight sync, or None when the
+    two groups are the same workers (they then share one model)."""
+    if pipeline.weight_sync is None:
+        return None
+    trainer, rollout = (placement.groups[g] for g in pipeline.weight_sync)
+    if trainer == rollout:
+        return None
+    if set(trainer) & set(rollout):
+        raise PlacementError(f"groups {pipeline.weight_sync[0]!r} {list(trainer)} and "
+                             f"{pipeline.weight_sync[1]!r} {list(rollout)} must be the same "
+                             "workers (co-located) or disjoint (disaggregated)")
+    return (trainer[0], *rollout)
 
 
 def _split(names: list[str], sizes: dict, world_size: int) -> dict[str, tuple[int, ...]]:
     missing = [g for g in names if g not in sizes]
     if missing:
-        raise PlacementError(f"placement 'split' needs a size for groups {missing} "
+        raise PlacementError(f"this placement needs a size for groups {missing} "
                              f"(e.g. groups.{missing[0]}=1)")
     groups: dict[str, tuple[int, ...]] = {}
     if not names:  # every stage runs on `all`: nothing to split

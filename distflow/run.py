@@ -16,7 +16,8 @@ from pathlib import Path
 
 from distflow.config import RunConfig, parse_overrides, resolve
 from distflow.dag import Pipeline
-from distflow.placement import Islands, Placement, plan_islands, plan_placement
+from distflow.placement import (Islands, Placement, plan_islands, plan_placement,
+                                weight_sync_ranks)
 from distflow.runtime.exchange import plan_routes
 from distflow.runtime.progress import ProgressPrinter
 from distflow.runtime.rendezvous import (DistEnv, bind_host, exchange_endpoints,
@@ -52,6 +53,7 @@ def prepare(path: str, args: list[str], world_size: int) -> tuple[Pipeline, RunC
     placement = plan_placement(pipeline, world_size, cfg.placement, cfg.groups)
     plan_routes(pipeline, placement, cfg.routing)
     islands_of(pipeline, cfg, placement)
+    weight_sync_ranks(pipeline, placement)
     if pipeline.check:
         pipeline.check(cfg.params)
     cfg.out = cfg.out or f"runs/{pipeline.name}"
@@ -111,7 +113,8 @@ def _run(path, env, pipeline, cfg, placement, out) -> int:
 
     init_collectives(env)
     islands = islands_of(pipeline, cfg, placement)
-    process_groups = new_process_groups(placement, islands)
+    sync_ranks = weight_sync_ranks(pipeline, placement)
+    process_groups = new_process_groups(placement, islands, sync_ranks)
     peer = Peer(env.rank, env.world_size, bind_host(env.master_addr), cfg.transport)
     worker = None
     try:
@@ -121,7 +124,7 @@ def _run(path, env, pipeline, cfg, placement, out) -> int:
             _write_run_json(out, path, pipeline, cfg, placement, endpoints)
         progress = ProgressPrinter(cfg.steps) if env.rank == 0 else None
         worker = Worker(pipeline, cfg, placement, peer, out, process_groups, islands,
-                        on_step=progress and progress.update)
+                        sync_ranks, on_step=progress and progress.update)
         worker.run()
         if progress:
             progress.close()

@@ -1,25 +1,32 @@
 """PPO with a critic: GAE advantages, clipped policy and value losses, KL in the reward.
 
-    prompts -> gen -> reward -> ref -> values -> adv -> update_critic -> update_actor
+    prompts -> gen -+-> reward -+
+                    +-> ref ----+-> adv -> update_critic -> update_actor
+                    +-> values -+
 
-    distflow run pipelines/ppo.py                                    # 2 workers
-    distflow run pipelines/ppo.py --nproc 4 placement=split groups.actor=2 groups.critic=1 groups.ref=1 groups.reward=ref
+    distflow run pipelines/ppo.py                                   # 2 workers, co-located
+    distflow run pipelines/ppo.py --nproc 4 placement=interleaved   # ref, reward on own workers
+    distflow run pipelines/ppo.py --nproc 4 placement=disaggregated max_staleness=1
 
 The KL to the reference policy is folded into the token rewards (``kl_coef``), as in
-the InstructGPT recipe; ``advantage=gae`` with ``gamma``/``lam``.
+the InstructGPT recipe; ``advantage=gae`` with ``gamma``/``lam``. Reward, reference and
+values are independent branches: with ``interleaved`` placement the reference and reward
+models run on their own workers while the actor/critic workers compute values.
 """
 from distflow import Pipeline, Stage
 from distflow.rl.checks import check_rl_params
+from distflow.rl.layouts import for_groups
 from distflow.rl.stages import (ActorUpdate, Advantages, CriticUpdate, Prompts, RefLogprobs,
                                 Reward, Rollout, Values)
 
 pipeline = Pipeline("ppo", [
-    Stage("prompts", Prompts, outputs=["prompts"], group="actor"),
-    Stage("gen", Rollout, inputs=["prompts"], outputs=["rollouts"], group="actor"),
+    Stage("prompts", Prompts, outputs=["prompts"], group="rollout"),
+    Stage("gen", Rollout, inputs=["prompts"], outputs=["rollouts"], group="rollout"),
     Stage("reward", Reward, inputs=["rollouts"], outputs=["scored"], group="reward"),
-    Stage("ref", RefLogprobs, inputs=["scored"], outputs=["with_ref"], group="ref"),
-    Stage("values", Values, inputs=["with_ref"], outputs=["with_values"], group="critic"),
-    Stage("adv", Advantages, inputs=["with_values"], outputs=["train_batch"], group="critic"),
+    Stage("ref", RefLogprobs, inputs=["rollouts"], outputs=["with_ref"], group="ref"),
+    Stage("values", Values, inputs=["rollouts"], outputs=["with_values"], group="critic"),
+    Stage("adv", Advantages, inputs=["scored", "with_ref", "with_values"],
+          outputs=["train_batch"], group="critic"),
     Stage("update_critic", CriticUpdate, inputs=["train_batch"], group="critic"),
     Stage("update_actor", ActorUpdate, inputs=["train_batch"], group="actor"),
 ], params={
@@ -31,4 +38,6 @@ pipeline = Pipeline("ppo", [
     "kl_loss": False, "kl_coef": 0.01, "kl_estimator": "low_var_kl",
     "lr": 3e-3, "critic_lr": 3e-3, "weight_decay": 0.0, "grad_clip": 1.0,
     "micro_batch_tokens": 4096,
-}, defaults={"steps": 100}, check=check_rl_params)
+}, defaults={"steps": 100}, check=check_rl_params,
+    layouts=for_groups({"rollout", "actor", "critic", "ref", "reward"}),
+    weight_sync=("actor", "rollout"))

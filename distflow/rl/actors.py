@@ -77,6 +77,16 @@ def actor(ctx) -> Actor:
     return _PROCESS["actor"]
 
 
+def policy_copy(ctx) -> InferenceEngine:
+    """A generation-only copy of the initial policy (disaggregated rollout workers): no
+    optimizer state; its weights are refreshed by weight sync."""
+    if "policy_copy" not in _PROCESS:
+        model = _initial_model(ctx).eval().requires_grad_(False)
+        tok = tokenizer(ctx)
+        _PROCESS["policy_copy"] = InferenceEngine(model, tok.eos_id, tok.pad_id)
+    return _PROCESS["policy_copy"]
+
+
 def reference(ctx) -> DecoderLM:
     """A frozen copy of the initial policy."""
     if "reference" not in _PROCESS:

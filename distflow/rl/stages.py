@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from safetensors.torch import load_model
+
 from distflow import Batch
 from distflow.algos import (entropy_from_logits, gae, get_advantage, get_policy_loss,
                             kl_divergence, logprobs_from_logits, value_loss)
@@ -64,35 +66,56 @@ class Prompts:
 
 # -- generation ----------------------------------------------------------------------------
 class Rollout:
-    """Samples ``group_size`` responses per prompt with the policy (KV-cached)."""
+    """Samples ``group_size`` responses per prompt with the policy (KV-cached).
+
+    Co-located with the trainer it uses the trainer's own model (policy version = step).
+    Disaggregated it holds its own copy and, before step k, takes weight syncs until its
+    version is at least ``k - max_staleness``; each sample is tagged with that version.
+    """
 
     def __init__(self, ctx):
         p = ctx.params
         self.sampling = SamplingParams(temperature=p["temperature"], top_p=p["top_p"],
                                        top_k=p["top_k"], max_new_tokens=p["max_new_tokens"])
-        self.actor = actors.actor(ctx)
-        context = self.actor.model.config.max_position_embeddings
+        self.sync = ctx.weight_sync
+        self.infer = actors.policy_copy(ctx) if self.sync else actors.actor(ctx).infer
+        self.version = 0
+        context = self.infer.model.config.max_position_embeddings
         if p["max_prompt_len"] + p["max_new_tokens"] > context:
             raise ValueError(f"max_prompt_len={p['max_prompt_len']} + max_new_tokens="
                              f"{p['max_new_tokens']} exceeds the model context of {context}")
 
     def __call__(self, ctx, prompts: Batch):
+        if self.sync is None:
+            self.version = ctx.step
+        while self.version < ctx.step - ctx.max_staleness:
+            self.version = self.sync.receive(self.infer.model)
         rows = [t[m].tolist() for t, m in zip(prompts["prompts"], prompts["prompt_mask"])]
         # each sample's randomness depends on (seed, sample id) only: any placement, any
         # number of workers, the same responses
         row_seeds = prompts.sample_ids + ctx.seed * 1_000_000_007
-        out = self.actor.infer.generate(rows, self.sampling, row_seeds=row_seeds)
+        out = self.infer.generate(rows, self.sampling, row_seeds=row_seeds)
         width = self.sampling.max_new_tokens - out.responses.shape[1]
-        pad = self.actor.infer.pad_id
-        responses = F.pad(out.responses, (0, width), value=pad)
+        responses = F.pad(out.responses, (0, width), value=self.infer.pad_id)
         mask = F.pad(out.response_mask, (0, width), value=False)
         logprobs = F.pad(out.logprobs, (0, width), value=0.0)
-        n_tokens = int(prompts.lengths.sum() + out.lengths.sum())
-        ctx.log(**{"response_length/mean": out.lengths.float().mean(), "count/tokens": n_tokens})
-        batch = prompts.with_columns(responses=responses, response_mask=mask,
-                                     old_logprobs=logprobs)
+        ctx.log(**{"count/tokens": int(prompts.lengths.sum() + out.lengths.sum()),
+                   "rollout/staleness": ctx.step - self.version})
+        ctx.log_mean(len(prompts), **{"response_length/mean": out.lengths.float().mean()})
+        batch = prompts.with_columns(responses=responses, response_mask=mask, old_logprobs=logprobs,
+                                     policy_version=torch.full((len(prompts),), self.version))
         batch.lengths = prompts.lengths + out.lengths
         return {"rollouts": batch}
+
+    def save_checkpoint(self, ctx, directory: Path) -> None:
+        """Nothing of its own: a disaggregated copy restarts from the actor's weights."""
+
+    def load_checkpoint(self, ctx, directory: Path) -> None:
+        if self.sync is not None:
+            actor_dir = directory.parent / "update_actor"
+            actor_dir = actor_dir / "island0" if (actor_dir / "island0").is_dir() else actor_dir
+            load_model(self.infer.model, str(actor_dir / "model.safetensors"))
+            self.version = ctx.step + 1
 
 
 # -- scoring -------------------------------------------------------------------------------
@@ -124,7 +147,7 @@ class Reward:
                 raise ValueError(f"reward function {ctx.params['reward']!r} raised on sample "
                                  f"{int(rollouts.sample_ids[i])} (prompt {prompt!r}, completion "
                                  f"{completion!r}): {type(e).__name__}: {e}") from e
-        ctx.log(**{"reward/mean": rewards.mean()})
+        ctx.log_mean(len(rewards), **{"reward/mean": rewards.mean()})
         return {"scored": rollouts.with_columns(rewards=rewards)}
 
 
@@ -142,7 +165,7 @@ class RewardModel:
         values = self.model(tokens, positions, mask)
         last = mask.shape[1] - 1 - mask.long().flip(1).argmax(1)  # last real token
         rewards = values[torch.arange(len(rollouts)), last].cpu()
-        ctx.log(**{"reward/mean": rewards.mean()})
+        ctx.log_mean(len(rewards), **{"reward/mean": rewards.mean()})
         return {"scored": rollouts.with_columns(rewards=rewards)}
 
 
@@ -153,10 +176,10 @@ class RefLogprobs:
         self.model = actors.reference(ctx)
 
     @torch.no_grad()
-    def __call__(self, ctx, scored: Batch):
-        logp = logprobs_from_logits(response_logits(self.model, scored), scored["responses"].to(
+    def __call__(self, ctx, rollouts: Batch):
+        logp = logprobs_from_logits(response_logits(self.model, rollouts), rollouts["responses"].to(
             next(self.model.parameters()).device))
-        return {"with_ref": scored.with_columns(ref_logprobs=logp.cpu())}
+        return {"with_ref": rollouts.with_columns(ref_logprobs=logp.cpu())}
 
 
 class Values:
@@ -166,8 +189,8 @@ class Values:
         self.critic, _ = actors.critic(ctx)
 
     @torch.no_grad()
-    def __call__(self, ctx, with_ref: Batch):
-        return {"with_values": with_ref.with_columns(values=_values(self.critic, with_ref).cpu())}
+    def __call__(self, ctx, rollouts: Batch):
+        return {"with_values": rollouts.with_columns(values=_values(self.critic, rollouts).cpu())}
 
 
 def _values(critic, batch: Batch) -> torch.Tensor:
@@ -178,14 +201,20 @@ def _values(critic, batch: Batch) -> torch.Tensor:
 
 # -- advantages ----------------------------------------------------------------------------
 class Advantages:
-    """Advantages by the registered estimator named in ``advantage`` (grpo, rloo,
-    reinforce_pp; gae for PPO, with the KL penalty folded into the token rewards)."""
+    """Joins the scored rollouts with the reference log-probs (and, for PPO, the values),
+    which arrive from parallel branches, and computes advantages with the registered
+    estimator named in ``advantage`` (grpo, rloo, reinforce_pp; gae for PPO, with the KL
+    penalty folded into the token rewards)."""
 
     def __init__(self, ctx):
         self.name = ctx.params["advantage"]
         self.fn = get_advantage(self.name)
 
-    def __call__(self, ctx, batch: Batch):
+    def __call__(self, ctx, scored: Batch, with_ref: Batch, with_values: Batch | None = None):
+        extra = {"ref_logprobs": with_ref["ref_logprobs"]}
+        if with_values is not None:
+            extra["values"] = with_values["values"]
+        batch = scored.with_columns(**extra)
         mask = batch["response_mask"].float()
         if self.name == "gae":
             kl = kl_divergence(batch["old_logprobs"], batch["ref_logprobs"], "k1") * mask
@@ -233,6 +262,9 @@ class ActorUpdate:
         for _ in range(ctx.params["ppo_epochs"]):
             stats = engine.step(len(batch), batch.lengths, lambda i: self._loss(ctx, batch.select(i)),
                                 normalizer=max(total, 1.0))
+        version = ctx.step + 1  # updates applied so far
+        if ctx.weight_sync is not None and version <= ctx.steps - 1 - ctx.max_staleness:
+            ctx.weight_sync.send(self.actor.model, version)  # only versions a rollout will take
         # the same keys in the same order on every rank: these are collectives
         sums = {k: engine.global_sum(stats.get(k, 0.0)) for k in self._SUMS}
         t = max(sums.pop("tokens"), 1.0)

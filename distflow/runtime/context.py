@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+WEIGHT = "__weight__/"
+
 
 @dataclass
 class StageContext:
@@ -28,12 +30,22 @@ class StageContext:
     """DiLoCo island of this rank (0 without islands)."""
     diloco: Any = None
     """With DiLoCo on this stage's group: ``diloco(model) -> DiLoCo`` sync for its trainer."""
+    weight_sync: Any = None
+    """With disaggregated placement, on trainer and rollout stages: the ``WeightSync``."""
+    max_staleness: int = 0
     step: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
 
     def log(self, **values: float) -> None:
         """Record metrics for this step (averaged over the ranks that report them)."""
         self.metrics.update({k: float(v) for k, v in values.items()})
+
+    def log_mean(self, weight: float, **values: float) -> None:
+        """Record per-sample means over ``weight`` samples; rank 0 combines them into the
+        mean over every sample of the step, however unevenly ranks hold samples."""
+        for k, v in values.items():
+            self.metrics[k] = float(v)
+            self.metrics[f"{WEIGHT}{k}"] = float(weight)
 
     def shard(self, n: int) -> range:
         """Global indices ``[0, n)`` that belong to this rank's shard (strided)."""

@@ -2,13 +2,16 @@
 
 Reduction across the ranks that report a key: ``timing_s/*`` and ``comm_s/*`` take the
 maximum (the slowest rank sets the pace); keys starting with ``count/`` are summed;
-everything else is averaged. When stages report ``count/tokens``, rank 0 adds verl's
+keys logged with ``ctx.log_mean`` are weighted by their sample counts; everything else
+is averaged. When stages report ``count/tokens``, rank 0 adds verl's
 ``perf/throughput``: tokens per second per worker over the whole step.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from distflow.runtime.context import WEIGHT
 
 
 def reduce_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
@@ -20,13 +23,20 @@ def reduce_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
 
 def _reduce(per_rank: list[dict[str, float]]) -> dict[str, float]:
     values: dict[str, list[float]] = {}
+    weights: dict[str, list[float]] = {}
     for m in per_rank:
         for k, v in m.items():
-            values.setdefault(k, []).append(float(v))
+            if not k.startswith(WEIGHT):
+                values.setdefault(k, []).append(float(v))
+                weights.setdefault(k, []).append(float(m.get(WEIGHT + k, 1.0)))
+    weighted = {k[len(WEIGHT):] for m in per_rank for k in m if k.startswith(WEIGHT)}
     out = {}
     for k in sorted(values):
         vs = values[k]
-        if k.startswith(("timing_s/", "comm_s/")):
+        if k in weighted:
+            total = sum(weights[k])
+            out[k] = sum(v * w for v, w in zip(vs, weights[k])) / total if total else 0.0
+        elif k.startswith(("timing_s/", "comm_s/")):
             out[k] = max(vs)
         elif k.startswith("count/"):
             out[k] = sum(vs)

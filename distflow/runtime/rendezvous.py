@@ -67,13 +67,14 @@ def exchange_endpoints(rank: int, world_size: int, mine: dict[str, str]) -> dict
     return {r: json.loads(store.get(k)) for r, k in enumerate(keys)}
 
 
-def new_process_groups(placement, islands=None) -> dict[str, object]:
+def new_process_groups(placement, islands=None, weight_sync=None) -> dict[str, object]:
     """torch.distributed groups, created in the same order on every rank (a collective).
 
     One per worker group (groups with the same ranks share one; the whole world uses the
     default group). With DiLoCo ``islands``, also one per island (``island/<i>``: its
     gradient all-reduce) and one per position across islands (``outer/<j>``: the
-    pseudo-gradient exchange).
+    pseudo-gradient exchange). With disaggregated placement, ``weights``: the trainer
+    source and the rollout ranks (the weight broadcast).
     """
     wanted = {name: placement.groups[name] for name in sorted(placement.groups)}
     if islands is not None:
@@ -81,6 +82,8 @@ def new_process_groups(placement, islands=None) -> dict[str, object]:
             wanted[f"island/{i}"] = members
         for j in range(len(islands.members[0])):
             wanted[f"outer/{j}"] = tuple(m[j] for m in islands.members)
+    if weight_sync is not None:
+        wanted["weights"] = tuple(sorted(weight_sync))
     by_ranks: dict[tuple[int, ...], object] = {tuple(range(placement.world_size)): dist.group.WORLD}
     for ranks in wanted.values():
         if ranks not in by_ranks:

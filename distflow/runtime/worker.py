@@ -32,10 +32,11 @@ class StageError(RuntimeError):
 class Worker:
     def __init__(self, pipeline: Pipeline, cfg: RunConfig, placement: Placement, peer: Peer,
                  out_dir: Path, process_groups: dict | None = None, islands=None,
-                 on_step: Callable[[int, dict], None] | None = None):
+                 sync_ranks: tuple[int, ...] | None = None, on_step: Callable[[int, dict], None] | None = None):
         self.pipeline, self.cfg, self.placement, self.peer = pipeline, cfg, placement, peer
         self.process_groups = process_groups or {}
         self.islands = islands
+        self.sync_ranks = sync_ranks
         self.rank, self.out_dir = peer.rank, out_dir
         self.exchange = Exchange(peer, plan_routes(pipeline, placement, cfg.routing))
         self.current_stage = ""
@@ -51,6 +52,12 @@ class Worker:
         ctx = StageContext(stage.name, self.rank, self.placement.world_size, stage.group, ranks,
                            dp_rank, dp_size, self.cfg.params, self.cfg.seed, self.out_dir,
                            self.process_groups.get(stage.group), steps=self.cfg.steps)
+        ctx.max_staleness = self.cfg.max_staleness
+        if self.sync_ranks is not None and stage.group in self.pipeline.weight_sync:
+            from distflow.engines.weight_sync import WeightSync
+            record = self.out_dir / "weights" if self.cfg.verify_weights else None
+            ctx.weight_sync = WeightSync(self.process_groups["weights"], self.sync_ranks[0],
+                                         self.rank, self.peer.liveness.check, record)
         if self.islands is not None and stage.group == self.islands.group:
             ctx.island = self.islands.island_of(self.rank)
             ctx.process_group = self.process_groups[f"island/{ctx.island}"]
@@ -68,11 +75,13 @@ class Worker:
         self._stateful()  # build every stage (models, engines) before the first step
         start = self._resume() if self.cfg.resume else 0
         self._first_step = start
+        self._lag = 1 + self.cfg.max_staleness
         for step in range(start, self.cfg.steps):
             self.run_step(step)
             last = step == self.cfg.steps - 1
             if self.rank == HUB and last:
-                self._write_metrics(step)
+                for k in range(max(self._first_step, step - self._lag + 1), step + 1):
+                    self._write_metrics(k)
             if last or (self.cfg.save_every and (step + 1) % self.cfg.save_every == 0):
                 self._save(step)
         self.current_stage = ""
@@ -129,10 +138,10 @@ class Worker:
         self.current_stage = "metrics"
         self.peer.liveness.update(progress=step)
         self.peer.send(HUB, Message(self.rank, "metrics", (step,), metrics), step=step)
-        # Rank 0 logs a step's metrics one step late, so waiting for the slowest rank's
-        # report never stops rank 0 from starting the next step's work.
-        if self.rank == HUB and step - 1 >= self._first_step:
-            self._write_metrics(step - 1)
+        # Rank 0 logs a step's metrics late (1 + max_staleness steps), so waiting for the
+        # slowest rank's report never stops rank 0 from starting the next step's work.
+        if self.rank == HUB and step - self._lag >= self._first_step:
+            self._write_metrics(step - self._lag)
 
     def _run_stage(self, stage: Stage, step: int, metrics: dict[str, float]) -> None:
         self._maybe_inject_fault(stage.name, step)
