@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from safetensors.torch import load_model
@@ -222,10 +223,29 @@ class Advantages:
             last = (mask.sum(1).long() - 1).clamp(min=0)
             token_rewards[torch.arange(len(batch)), last] += batch["rewards"]
             adv, ret = self.fn(token_rewards, batch["values"], mask, gamma=ctx.params["gamma"],
-                               lam=ctx.params["lam"])
-        else:
+                               lam=ctx.params["lam"], whiten=False)
+            adv = whiten_over_group(adv, mask, ctx.process_group)
+        elif self.name == "reinforce_pp":
+            adv, ret = self.fn(batch["rewards"], mask, batch.groups, whiten=False)
+            adv = whiten_over_group(adv, mask, ctx.process_group)
+        else:  # per-prompt-group estimators: groups never span ranks
             adv, ret = self.fn(batch["rewards"], mask, batch.groups)
         return {"train_batch": batch.with_columns(advantages=adv, returns=ret)}
+
+
+def whiten_over_group(x: torch.Tensor, mask: torch.Tensor, group) -> torch.Tensor:
+    """``masked_whiten`` with mean and (unbiased) variance over every rank of ``group``,
+    so the result does not depend on how the batch is sharded."""
+    m = mask.bool()
+    stats = torch.tensor([float(x[m].sum()), float((x[m].double() ** 2).sum()), float(m.sum())],
+                         dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(stats, group=group)
+    total, total_sq, n = stats.tolist()
+    mean = total / max(n, 1.0)
+    var = (total_sq - n * mean * mean) / (n - 1) if n > 1 else 0.0
+    out = (x - mean) * torch.rsqrt(torch.tensor(max(var, 0.0) + 1e-8, dtype=x.dtype))
+    return torch.where(m, out, torch.zeros((), dtype=out.dtype))
 
 
 # -- updates -------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from distflow.runtime.batch import Batch
 from distflow.runtime.context import StageContext
 from distflow.runtime.exchange import HUB, Exchange, plan_routes
 from distflow.runtime.metrics import MetricsLog, reduce_metrics
+from distflow.transport.liveness import PeerFailure
 from distflow.transport.peer import Peer
 from distflow.transport.wire import Message
 
@@ -154,7 +155,10 @@ class Worker:
         ctx.step, ctx.metrics = step, {}
         try:
             outputs = self._callable(stage, ctx)(ctx, *(inputs[n] for n in stage.inputs))
+        except PeerFailure:
+            raise
         except Exception as e:
+            self._blame_dead_peer(e)
             raise StageError(f"stage {stage.name!r} raised at step {step}: "
                              f"{type(e).__name__}: {e}") from e
         t2 = time.perf_counter()
@@ -164,6 +168,17 @@ class Worker:
         metrics.update(ctx.metrics)
         metrics[f"timing_s/{stage.name}"] = t2 - t1
         metrics[f"comm_s/{stage.name}"] = (t1 - t0) + (time.perf_counter() - t2)
+
+    def _blame_dead_peer(self, error: Exception) -> None:
+        """A collective (gloo/NCCL) that broke because a peer died says only "connection
+        closed"; wait for the heartbeats to tell which peer, and raise that instead."""
+        if not isinstance(error, RuntimeError) or "Connection closed" not in str(error) and \
+                "Connection reset" not in str(error):
+            return
+        deadline = time.monotonic() + self.cfg.transport.peer_timeout_s + 1
+        while time.monotonic() < deadline:
+            self.peer.liveness.check()  # raises PeerFailure naming the peer
+            time.sleep(0.05)
 
     def _callable(self, stage: Stage, ctx: StageContext) -> Callable:
         if stage.name not in self._callables:
