@@ -2,6 +2,7 @@
 
     distflow run PIPELINE.py [--nproc N] [--out DIR] [--steps K] [key=value ...]
     distflow plot RUN_DIR
+    distflow plan PIPELINE.py [--nproc N] [key=value ...]
 
 ``run`` checks the pipeline and config in this process first (a mistake fails before any
 worker starts), then launches ``torchrun --standalone`` with N workers, and at the end
@@ -44,6 +45,21 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
+    from distflow.config import parse_overrides, resolve
+    from distflow.plan import describe
+    from distflow.run import load_pipeline
+
+    try:
+        pipeline = load_pipeline(args.pipeline)
+        cfg = resolve(pipeline, parse_overrides(overrides))
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"distflow plan: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    print(describe(pipeline, args.nproc, cfg.groups, cfg.params))
+    return 0
+
+
 def root_cause(out: Path) -> str | None:
     """The failure that started it: a rank's own error rather than a peer's echo of it."""
     lines = [p.read_text().strip() for p in sorted((out / "errors").glob("rank*.txt"))]
@@ -76,11 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--steps", type=int, default=0, help="iterations (default: pipeline's)")
     plot = sub.add_parser("plot", help="plot a run's metrics.jsonl to metrics.png")
     plot.add_argument("run_dir")
+    plan = sub.add_parser("plan", help="compare placements for a pipeline before launching")
+    plan.add_argument("pipeline")
+    plan.add_argument("--nproc", type=int, default=2)
     args, rest = parser.parse_known_args(argv)
     if args.command == "plot":
         from distflow.plot import plot_run
         print(plot_run(args.run_dir))
         return 0
+    if args.command == "plan":
+        return _plan(args, rest)
     bad = [a for a in rest if "=" not in a]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)} (config overrides are key=value)")

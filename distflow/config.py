@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distflow.dag import Pipeline
+from distflow.memory import MemoryConfig
 
 
 class ConfigError(ValueError):
@@ -105,6 +106,7 @@ class RunConfig:
     transport: TransportConfig = field(default_factory=TransportConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     diloco: DiLoCoRunConfig = field(default_factory=DiLoCoRunConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -160,7 +162,8 @@ def resolve(pipeline: Pipeline, overrides: dict[str, Any]) -> RunConfig:
     merged = {**pipeline.defaults, **overrides}
     top = {f.name: f for f in dataclasses.fields(RunConfig)}
     kwargs: dict[str, Any] = {"groups": {}, "params": dict(pipeline.params)}
-    sections = {"transport": TransportConfig, "fault": FaultConfig, "diloco": DiLoCoRunConfig}
+    sections = {"transport": TransportConfig, "fault": FaultConfig, "diloco": DiLoCoRunConfig,
+                "memory": MemoryConfig}
     nested: dict[str, dict] = {name: {} for name in sections}
     for key, raw in merged.items():
         head, _, tail = key.partition(".")
@@ -180,5 +183,6 @@ def resolve(pipeline: Pipeline, overrides: dict[str, Any]) -> RunConfig:
             known = sorted([k for k in top if k not in ("groups", "params", *sections)]
                            + list(pipeline.params))
             raise ConfigError(f"unknown config key {key!r} for pipeline {pipeline.name!r}; "
-                              f"known: {known}, groups.<name>, transport.*, fault.*, diloco.*")
+                              f"known: {known}, groups.<name>, transport.*, fault.*, diloco.*, "
+                              "memory.*")
     return RunConfig(**kwargs, **{name: cls(**nested[name]) for name, cls in sections.items()})

@@ -75,6 +75,8 @@ class Pipeline:
     layouts: dict[str, Callable[[int], dict[str, int | str]]] = field(default_factory=dict)
     """Default group sizes per placement strategy, as a function of WORLD_SIZE
     (``groups.<name>=`` on the command line overrides them)."""
+    model_params: Callable[[dict[str, Any]], dict[str, int]] | None = None
+    """Parameter counts of the pipeline's models (for ``distflow plan``'s estimates)."""
     weight_sync: tuple[str, str] | None = None
     """``(trainer group, rollout group)``: when they are different workers, the trainer
     sends its weights to the rollout group after every update (disaggregated placement)."""

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from distflow.config import RunConfig, parse_overrides, resolve
 from distflow.dag import Pipeline
+from distflow.memory import configure_allocator
 from distflow.placement import (Islands, Placement, plan_islands, plan_placement,
                                 weight_sync_ranks)
 from distflow.runtime.exchange import plan_routes
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    configure_allocator(cfg.memory)
     return _run(argv[0], env, pipeline, cfg, placement, out)
 
 

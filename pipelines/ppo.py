@@ -14,7 +14,7 @@ values are independent branches: with ``interleaved`` placement the reference an
 models run on their own workers while the actor/critic workers compute values.
 """
 from distflow import Pipeline, Stage
-from distflow.rl.checks import check_rl_params
+from distflow.rl.checks import check_rl_params, rl_model_params
 from distflow.rl.layouts import for_groups
 from distflow.rl.stages import (ActorUpdate, Advantages, CriticUpdate, Prompts, RefLogprobs,
                                 Reward, Rollout, Values)
@@ -38,6 +38,6 @@ pipeline = Pipeline("ppo", [
     "kl_loss": False, "kl_coef": 0.01, "kl_estimator": "low_var_kl",
     "lr": 3e-3, "critic_lr": 3e-3, "weight_decay": 0.0, "grad_clip": 1.0,
     "micro_batch_tokens": 4096,
-}, defaults={"steps": 100}, check=check_rl_params,
+}, defaults={"steps": 100}, check=check_rl_params, model_params=rl_model_params,
     layouts=for_groups({"rollout", "actor", "critic", "ref", "reward"}),
     weight_sync=("actor", "rollout"))

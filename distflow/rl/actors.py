@@ -38,6 +38,12 @@ def tokenizer(ctx):
     return _PROCESS["tokenizer"]
 
 
+def preset_config(name: str, tok) -> ModelConfig:
+    """A preset's shape with the tokenizer's vocabulary and special tokens (random init)."""
+    return preset(name, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
+                  pad_token_id=tok.pad_id, bos_token_id=tok.bos_id)
+
+
 def _initial_model(ctx) -> DecoderLM:
     """The starting policy: a checkpoint directory or a preset with random weights."""
     name, tok = ctx.params["model"], tokenizer(ctx)
@@ -45,8 +51,7 @@ def _initial_model(ctx) -> DecoderLM:
         model = load_pretrained(name)
     else:
         torch.manual_seed(ctx.seed)  # identical initial weights on every rank
-        model = DecoderLM(preset(name, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
-                                 pad_token_id=tok.pad_id))
+        model = DecoderLM(preset_config(name, tok))
     if model.config.vocab_size < tok.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but model {name!r} only "
                          f"{model.config.vocab_size} embeddings")

@@ -6,6 +6,7 @@ from pathlib import Path
 from distflow.algos import get_advantage, get_kl_estimator, get_policy_loss
 from distflow.models import ModelConfig, load_tokenizer, preset
 from distflow.models.tokenizer import CharTokenizer
+from distflow.rl.actors import preset_config
 from distflow.rl.tasks import get_reward, get_task
 
 
@@ -26,7 +27,7 @@ def check_rl_params(params: dict) -> None:
         tok = load_tokenizer(model)
     else:
         tok = CharTokenizer(task.alphabet)
-        cfg = preset(model, vocab_size=tok.vocab_size)
+        cfg = preset_config(model, tok)
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but model {model!r} has "
                          f"{cfg.vocab_size} embeddings")
@@ -41,3 +42,18 @@ def check_rl_params(params: dict) -> None:
     for key in ("prompts", "group_size", "ppo_epochs"):
         if params[key] < 1:
             raise ValueError(f"{key} must be >= 1, got {params[key]}")
+
+
+def rl_model_params(params: dict) -> dict[str, int]:
+    """Parameter counts of the policy, reference and critic (for ``distflow plan``)."""
+    from distflow.models import DecoderLM
+
+    model = params["model"]
+    if Path(model).is_dir():
+        cfg = ModelConfig.from_pretrained(model)
+    else:
+        cfg = preset_config(model, CharTokenizer(get_task(params["task"]).alphabet))
+    import torch
+    with torch.device("meta"):
+        n = DecoderLM(cfg).num_parameters()
+    return {"policy": n, "reference": n, "critic": n + cfg.hidden_size + 1}

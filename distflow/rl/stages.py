@@ -22,6 +22,7 @@ from distflow.algos import (entropy_from_logits, gae, get_advantage, get_policy_
                             kl_divergence, logprobs_from_logits, value_loss)
 from distflow.engines.generation import left_pad
 from distflow.engines.sampling import SamplingParams
+from distflow.memory import MemoryConfig, MemoryPolicy, offload_module, onload_module
 from distflow.rl import actors
 from distflow.rl.tasks import get_reward, get_task
 
@@ -39,6 +40,19 @@ def response_logits(model, batch: Batch) -> torch.Tensor:
     tokens, positions, mask = model_inputs(batch, next(model.parameters()).device)
     p, r = batch["prompts"].shape[1], batch["responses"].shape[1]
     return model(tokens, positions, mask)[:, p - 1:p + r - 1].float()
+
+
+class _PhaseLocalModel:
+    """A stage whose model is only needed during its own phase (offloadable)."""
+
+    model: torch.nn.Module
+    device: torch.device
+
+    def offload(self) -> None:
+        offload_module(self.model)
+
+    def onload(self) -> None:
+        onload_module(self.model, self.device)
 
 
 # -- data --------------------------------------------------------------------------------
@@ -74,6 +88,8 @@ class Rollout:
     version is at least ``k - max_staleness``; each sample is tagged with that version.
     """
 
+    holds = {"policy": "infer"}
+
     def __init__(self, ctx):
         p = ctx.params
         self.sampling = SamplingParams(temperature=p["temperature"], top_p=p["top_p"],
@@ -89,8 +105,12 @@ class Rollout:
     def __call__(self, ctx, prompts: Batch):
         if self.sync is None:
             self.version = ctx.step
+        synced = False
         while self.version < ctx.step - ctx.max_staleness:
             self.version = self.sync.receive(self.infer.model)
+            synced = True
+        if synced:  # the weight-sync phase of the memory accounting
+            ctx.log(**MemoryPolicy(MemoryConfig()).measure("weight_sync"))
         rows = [t[m].tolist() for t, m in zip(prompts["prompts"], prompts["prompt_mask"])]
         # each sample's randomness depends on (seed, sample id) only: any placement, any
         # number of workers, the same responses
@@ -152,13 +172,16 @@ class Reward:
         return {"scored": rollouts.with_columns(rewards=rewards)}
 
 
-class RewardModel:
+class RewardModel(_PhaseLocalModel):
     """Neural reward: a reward model (``reward_model=DIR``, see ``actors.load_reward_model``)
     scores each prompt + response at its last real token. Place it in the reward slot of a
     pipeline instead of (or after) the rule-based ``Reward``."""
 
+    holds = {"reward_model": "infer"}
+
     def __init__(self, ctx):
-        self.model = actors.load_reward_model(ctx.params["reward_model"], actors.device_for(ctx))
+        self.device = actors.device_for(ctx)
+        self.model = actors.load_reward_model(ctx.params["reward_model"], self.device)
 
     @torch.no_grad()
     def __call__(self, ctx, rollouts: Batch):
@@ -170,11 +193,14 @@ class RewardModel:
         return {"scored": rollouts.with_columns(rewards=rewards)}
 
 
-class RefLogprobs:
+class RefLogprobs(_PhaseLocalModel):
     """Log-probs of the responses under the frozen reference policy."""
+
+    holds = {"reference": "infer"}
 
     def __init__(self, ctx):
         self.model = actors.reference(ctx)
+        self.device = actors.device_for(ctx)
 
     @torch.no_grad()
     def __call__(self, ctx, rollouts: Batch):
@@ -185,6 +211,8 @@ class RefLogprobs:
 
 class Values:
     """PPO: the critic's value of every response position."""
+
+    holds = {"critic": "infer"}
 
     def __init__(self, ctx):
         self.critic, _ = actors.critic(ctx)
@@ -252,6 +280,8 @@ def whiten_over_group(x: torch.Tensor, mask: torch.Tensor, group) -> torch.Tenso
 class ActorUpdate:
     """Clipped policy-gradient step(s); for GRPO a KL-to-reference loss term as well."""
 
+    holds = {"policy": "train"}
+
     def __init__(self, ctx):
         self.actor = actors.actor(ctx)
         self.loss = get_policy_loss(ctx.params.get("policy_loss", "ppo_clip"))
@@ -301,6 +331,8 @@ class ActorUpdate:
 
 class CriticUpdate:
     """PPO: clipped value-loss step on the critic."""
+
+    holds = {"critic": "train"}
 
     def __init__(self, ctx):
         self.critic, self.engine = actors.critic(ctx)

@@ -16,6 +16,7 @@ import torch
 from distflow import checkpoint
 from distflow.config import RunConfig
 from distflow.dag import Pipeline, Stage
+from distflow.memory import MemoryPolicy
 from distflow.placement import Placement
 from distflow.runtime.batch import Batch
 from distflow.runtime.context import StageContext
@@ -45,6 +46,7 @@ class Worker:
         self._contexts = {name: self._context(pipeline.stage(name)) for name in pipeline.order
                           if self.rank in placement.ranks(pipeline.stage(name).group)}
         self._callables: dict[str, Callable] = {}
+        self.memory = MemoryPolicy(cfg.memory)
         self._metrics_log = MetricsLog(out_dir / "metrics.jsonl") if self.rank == 0 else None
 
     def _context(self, stage: Stage) -> StageContext:
@@ -153,8 +155,10 @@ class Worker:
         t1 = time.perf_counter()
         ctx = self._contexts[stage.name]
         ctx.step, ctx.metrics = step, {}
+        fn = self._callable(stage, ctx)
+        self.memory.before(fn)
         try:
-            outputs = self._callable(stage, ctx)(ctx, *(inputs[n] for n in stage.inputs))
+            outputs = fn(ctx, *(inputs[n] for n in stage.inputs))
         except PeerFailure:
             raise
         except Exception as e:
@@ -162,6 +166,7 @@ class Worker:
             raise StageError(f"stage {stage.name!r} raised at step {step}: "
                              f"{type(e).__name__}: {e}") from e
         t2 = time.perf_counter()
+        metrics.update(self.memory.after(stage.name, fn))
         outputs = _check_outputs(stage, outputs, step)
         for e in self.pipeline.out_edges(stage.name):
             self.exchange.publish(e, step, outputs[e.name])
