@@ -1,0 +1,168 @@
+"""Loss vs bytes: data parallel vs DiLoCo vs Streaming DiLoCo on ``pipelines/lm_diloco.py``.
+
+Three runs of ``distflow run pipelines/lm_diloco.py --nproc 2`` with the same steps, batch,
+seed, model and inner optimizer (AdamW, same ``lr``), so equal tokens:
+
+- ``dp``: ``diloco.mode=ddp``: both ranks all-reduce gradients every step (plain DP);
+- ``diloco``: ``diloco.mode=diloco diloco.islands=2 diloco.inner_steps=H`` (fp32 payload);
+- ``streaming``: ``diloco.mode=streaming diloco.islands=2 diloco.inner_steps=H
+  diloco.fragments=2 diloco.overlap_steps=1 diloco.alpha=0.5 diloco.quantize=e3m0``
+  (tau=1 < H/P).
+
+Metrics: the held-out ``eval/loss`` (every ``eval_every`` steps and at the end) and the
+bytes each island contributes ("payload contributed"): for DiLoCo/Streaming the logged
+``diloco/bytes_sent`` (the encoded pseudo-gradient payloads this rank put in the
+all-gathers); for DP ``4 bytes x trainable params x steps`` (the fp32 gradient each rank
+contributes to the all-reduce every step). Neither counts collective-algorithm overhead
+(a ring all-reduce moves ~2x its input per rank; an all-gather of N payloads moves
+(N-1) x payload into each rank), so the same definition is used for all three.
+
+    python benchmarks/diloco_loss.py [--steps 600] [--quick] [--out benchmarks/results]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPELINE = "pipelines/lm_diloco.py"
+
+
+def modes(h: int) -> dict[str, list[str]]:
+    return {
+        "dp": ["diloco.mode=ddp"],
+        "diloco": ["diloco.mode=diloco", "diloco.islands=2", f"diloco.inner_steps={h}"],
+        "streaming": ["diloco.mode=streaming", "diloco.islands=2", f"diloco.inner_steps={h}",
+                      "diloco.quantize=e3m0", "diloco.overlap_steps=1", "diloco.alpha=0.5",
+                      "diloco.fragments=2"],
+    }
+
+
+def count_params(params: dict) -> int:
+    """Trainable params of the exact model ``lm_diloco.py`` builds for ``params``."""
+    import torch  # noqa: F401
+    from distflow.models import DecoderLM, preset
+    cfg = preset("tiny", vocab_size=256, hidden_size=params["hidden"],
+                 num_hidden_layers=params["layers"], intermediate_size=4 * params["hidden"],
+                 max_position_embeddings=params["seq_len"] + 1)
+    return sum(p.numel() for p in DecoderLM(cfg).parameters() if p.requires_grad)
+
+
+def run_one(name: str, overrides: list[str], steps: int, run_dir: Path) -> dict:
+    cmd = [sys.executable, "-m", "distflow.cli", "run", PIPELINE, "--nproc", "2",
+           "--out", str(run_dir), "--steps", str(steps), *overrides]
+    print(f"[{name}] {' '.join(cmd[2:])}", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    return {"rows": rows, "wall_s": wall, "command": "distflow " + " ".join(cmd[3:])}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--inner-steps", type=int, default=30, help="H")
+    ap.add_argument("--lr", type=float, default=3e-3, help="inner AdamW lr (all runs)")
+    ap.add_argument("--outer-lr", type=float, default=0.7)
+    ap.add_argument("--outer-momentum", type=float, default=0.9)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--eval-batch", type=int, default=256)
+    ap.add_argument("--quick", action="store_true", help="smoke test: 40 steps")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
+                    help="directory for diloco_loss.json/.png")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.steps, args.eval_every, args.eval_batch = 40, 20, 64
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    sys.path.insert(0, str(ROOT))
+    from distflow.run import load_pipeline
+    pipe_params = dict(load_pipeline(str(ROOT / PIPELINE)).params)
+    common = [f"lr={args.lr}", f"eval_every={args.eval_every}", f"eval_batch={args.eval_batch}",
+              f"diloco.outer_lr={args.outer_lr}", f"diloco.outer_momentum={args.outer_momentum}"]
+    pipe_params.update(lr=args.lr, eval_every=args.eval_every, eval_batch=args.eval_batch)
+    n_params = count_params(pipe_params)
+
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="diloco_loss_") as tmp:
+        for name, overrides in modes(args.inner_steps).items():
+            r = run_one(name, [*overrides, *common], args.steps, Path(tmp) / name)
+            rows = r["rows"]
+            curve = []
+            for row in rows:
+                if "eval/loss" not in row:
+                    continue
+                step = row["step"] + 1
+                sent = (4 * n_params * step if name == "dp" else row.get("diloco/bytes_sent", 0.0))
+                curve.append({"step": step, "bytes": float(sent), "eval_loss": row["eval/loss"]})
+            last = rows[-1]
+            total = 4 * n_params * len(rows) if name == "dp" else last.get("diloco/bytes_sent", 0.0)
+            tokens = sum(row.get("count/tokens", 0) for row in rows)
+            results[name] = {
+                "command": r["command"], "wall_s": round(r["wall_s"], 1),
+                "final_eval_loss": curve[-1]["eval_loss"], "final_train_loss": last["train/loss"],
+                "bytes_per_island": float(total), "syncs": last.get("diloco/syncs"),
+                "tokens": tokens, "median_step_s": sorted(x["timing_s/step"] for x in rows)[len(rows) // 2],
+                "curve": curve}
+            print(f"[{name}] eval/loss {results[name]['final_eval_loss']:.4f}  "
+                  f"bytes/island {total / 1e6:.3f} MB  wall {r['wall_s']:.0f}s", flush=True)
+
+    dp = results["dp"]
+    for name, r in results.items():
+        r["loss_ratio_vs_dp"] = r["final_eval_loss"] / dp["final_eval_loss"]
+        r["bytes_reduction_vs_dp"] = dp["bytes_per_island"] / r["bytes_per_island"] if r["bytes_per_island"] else None
+    doc = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "steps": args.steps, "quick": args.quick,
+           "nproc": 2, "islands": 2, "trainable_params": n_params,
+           "pipeline_params": pipe_params, "inner_steps": args.inner_steps,
+           "outer_lr": args.outer_lr, "outer_momentum": args.outer_momentum,
+           "bytes_definition": "payload contributed per island: DP = 4 B x trainable params x steps "
+                               "(fp32 gradient into the all-reduce); DiLoCo/Streaming = diloco/bytes_sent",
+           "goal": "eval loss within 2% of DP with >= 100x fewer bytes",
+           "results": results}
+    for name in ("diloco", "streaming"):
+        r = results[name]
+        doc.setdefault("goal_met", {})[name] = bool(r["loss_ratio_vs_dp"] <= 1.02 and
+                                                    (r["bytes_reduction_vs_dp"] or 0) >= 100)
+    (out / "diloco_loss.json").write_text(json.dumps(doc, indent=2))
+
+    print(f"\ntrainable params {n_params}, steps {args.steps}, tokens/run {dp['tokens']:.0f}")
+    print("| mode | final held-out eval/loss | bytes / island | loss / DP | DP bytes / bytes | syncs | wall s |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['final_eval_loss']:.4f} | {r['bytes_per_island'] / 1e6:.3f} MB | "
+              f"{r['loss_ratio_vs_dp']:.4f} | {r['bytes_reduction_vs_dp']:.1f}x | "
+              f"{r['syncs'] if r['syncs'] is not None else '-'} | {r['wall_s']:.0f} |")
+    print(f"goal met: {doc['goal_met']}")
+
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for name, r in results.items():
+            pts = [c for c in r["curve"] if c["bytes"] > 0]
+            ax.plot([c["bytes"] for c in pts], [c["eval_loss"] for c in pts], marker="o", ms=3, label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel("cumulative bytes contributed per island")
+        ax.set_ylabel("held-out eval loss (nats/byte)")
+        ax.set_title(f"lm_diloco, 2 islands, {args.steps} steps, H={args.inner_steps}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "diloco_loss.png", dpi=120)
+    except ImportError as e:
+        print(f"no plot: {e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
