@@ -44,3 +44,36 @@ def test_scaling_quick(tmp_path):
             assert r["global_batch"] == doc["params"]["batch_per_worker"] * n
             assert r["efficiency"] > 0
     assert (tmp_path / "scaling.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(270)  # above the subprocess timeout, so that one reports first
+def test_diloco_loss_quick(tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/diloco_loss.py", "--quick", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "diloco_loss.json").read_text())
+    res = doc["results"]
+    for mode in ("dp", "diloco", "streaming"):
+        assert res[mode]["final_eval_loss"] > 0, (mode, res[mode])
+        assert res[mode]["curve"], mode
+    assert doc["trainable_params"] > 0
+    assert res["dp"]["bytes_per_island"] == 4 * doc["trainable_params"] * doc["steps"]
+    assert 0 < res["streaming"]["bytes_per_island"] < res["diloco"]["bytes_per_island"] \
+        < res["dp"]["bytes_per_island"], {m: r["bytes_per_island"] for m, r in res.items()}
+    assert (tmp_path / "diloco_loss.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(270)  # above the subprocess timeout, so that one reports first
+def test_placement_quick(tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/placement.py", "--quick", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "placement.json").read_text())
+    res = doc["results"]["grpo"]
+    assert set(res) == {"colocated", "interleaved", "disagg_s0", "disagg_s1"}
+    for variant, r in res.items():
+        assert r["samples_per_s"] > 0 and r["step_s"] > 0, (variant, r)
+        assert r["reward_curve"], variant
+    assert (tmp_path / "placement.png").stat().st_size > 0

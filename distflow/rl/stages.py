@@ -9,6 +9,7 @@ so shards from different ranks concatenate.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -105,12 +106,13 @@ class Rollout:
     def __call__(self, ctx, prompts: Batch):
         if self.sync is None:
             self.version = ctx.step
-        synced = False
+        t0, synced = time.perf_counter(), False
         while self.version < ctx.step - ctx.max_staleness:
             self.version = self.sync.receive(self.infer.model)
             synced = True
-        if synced:  # the weight-sync phase of the memory accounting
-            ctx.log(**MemoryPolicy(MemoryConfig()).measure("weight_sync"))
+        if synced:  # its own phase: time (including the wait for the trainer) and memory
+            ctx.log(**{"timing_s/weight_sync": time.perf_counter() - t0},
+                    **MemoryPolicy(MemoryConfig()).measure("weight_sync"))
         rows = [t[m].tolist() for t, m in zip(prompts["prompts"], prompts["prompt_mask"])]
         # each sample's randomness depends on (seed, sample id) only: any placement, any
         # number of workers, the same responses
