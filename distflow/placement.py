@@ -126,10 +126,11 @@ class Islands:
 
 
 def plan_islands(pipeline: Pipeline, placement: Placement, group: str, count: int) -> Islands:
-    """Split ``group`` (default: the only group whose stages train, i.e. checkpoint a
-    model) into islands."""
+    """Split ``group`` (default: the only group whose stages train a model, i.e. declare
+    ``holds = {model: "train"}``) into islands."""
     if not group:
-        stateful = sorted({s.group for s in pipeline.stages if hasattr(s.fn, "save_checkpoint")})
+        stateful = sorted({s.group for s in pipeline.stages
+                           if "train" in getattr(s.fn, "holds", {}).values()})
         if len(stateful) != 1:
             raise PlacementError(f"diloco.group must name the trainer group; candidates: {stateful}")
         group = stateful[0]

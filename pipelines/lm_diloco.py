@@ -32,6 +32,8 @@ def text_batches(ctx):
 class LMTrain:
     """Next-byte prediction with AdamW; data parallel inside an island, DiLoCo between."""
 
+    holds = {"lm": "train"}
+
     def __init__(self, ctx):
         p = ctx.params
         torch.manual_seed(ctx.seed)

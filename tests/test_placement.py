@@ -141,7 +141,7 @@ def test_split_size_must_be_positive_int(size):
 
 def test_unknown_strategy():
     p = pipeline_with_groups("a")
-    with pytest.raises(PlacementError, match=r"placement 'spread' is not one of \['colocated', 'split'\]"):
+    with pytest.raises(PlacementError, match=r"placement 'spread' is not one of \['colocated', 'split', 'interleaved', 'disaggregated'\]"):
         plan_placement(p, 2, "spread")
 
 

@@ -101,28 +101,42 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of softmax(logits) per position: logits [N, T, V] -> [N, T] (float32+).
 
     H = logsumexp(z) - sum softmax(z) * z with z shifted by its (detached) max, so
-    large logits lose no precision. Computed one row of the leading dim at a time so
-    the float32 temporaries stay [T, V]. Logits must be finite (-inf entries give NaN).
+    large logits lose no precision. Computed in row chunks whose float32 temporaries
+    stay under ``_CHUNK_ELEMENTS``. Logits must be finite (-inf entries give NaN).
     """
     _check_logits(logits)
-    rows = []
-    for z in logits:
+    if logits.shape[0] == 0:
+        return torch.zeros(logits.shape[:-1], dtype=as_float(logits).dtype,
+                           device=logits.device)
+    parts = []
+    for z in _row_chunks(logits):
         z = as_float(z)
         z = z - z.detach().amax(dim=-1, keepdim=True)
         lse = torch.logsumexp(z, dim=-1)
-        rows.append(lse - (torch.softmax(z, dim=-1) * z).sum(-1))
-    if not rows:
-        return torch.zeros(logits.shape[:-1], dtype=as_float(logits).dtype,
-                           device=logits.device)
-    return torch.stack(rows)
+        parts.append(lse - (torch.softmax(z, dim=-1) * z).sum(-1))
+    return torch.cat(parts)
+
+
+_CHUNK_ELEMENTS = 1 << 25  # 128 MiB of float32 temporaries per chunk
+
+
+def _row_chunks(x: torch.Tensor, *others: torch.Tensor):
+    """``x`` (and ``others``) split along dim 0 into chunks of bounded size."""
+    per_row = max(1, x[0].numel())
+    step = max(1, _CHUNK_ELEMENTS // per_row)
+    for start in range(0, x.shape[0], step):
+        if others:
+            yield (x[start:start + step], *(o[start:start + step] for o in others))
+        else:
+            yield x[start:start + step]
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[token] per position: logits [N, T, V], tokens [N, T] -> [N, T].
 
-    Computed as z[token] - logsumexp(z) with z shifted by its detached max, one row of
-    the leading dim at a time (peak extra memory [T, V] in float32, never a full
-    [N, T, V] log_softmax). Every token id, padding included, must be in [0, V).
+    Computed as z[token] - logsumexp(z) with z shifted by its detached max, in row
+    chunks of bounded size (never a full float32 [N, T, V] log_softmax of a large
+    batch). Every token id, padding included, must be in [0, V).
     """
     _check_logits(logits)
     if not isinstance(tokens, torch.Tensor) or tuple(tokens.shape) != tuple(logits.shape[:-1]):
@@ -135,12 +149,12 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Te
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
         raise ValueError(f"token ids must be in [0, {vocab}), got min {int(tokens.min())} "
                          f"max {int(tokens.max())}")
-    rows = []
-    for z, tok in zip(logits, tokens):
+    if logits.shape[0] == 0:
+        return torch.zeros(tokens.shape, dtype=as_float(logits).dtype, device=logits.device)
+    parts = []
+    for z, tok in _row_chunks(logits, tokens):
         z = as_float(z)
         z = z - z.detach().amax(dim=-1, keepdim=True)   # exact shift: large logits stay precise
         picked = z.gather(-1, tok.long().unsqueeze(-1)).squeeze(-1)
-        rows.append(picked - torch.logsumexp(z, dim=-1))
-    if not rows:
-        return torch.zeros(tokens.shape, dtype=as_float(logits).dtype, device=logits.device)
-    return torch.stack(rows)
+        parts.append(picked - torch.logsumexp(z, dim=-1))
+    return torch.cat(parts)

@@ -74,11 +74,15 @@ class TrainEngine:
 
     def global_sum(self, value: float) -> float:
         """``value`` summed over the data-parallel group."""
+        return self.global_sums([value])[0]
+
+    def global_sums(self, values: list[float]) -> list[float]:
+        """Each value summed over the data-parallel group, in one collective."""
         if self.world == 1:
-            return float(value)
-        t = torch.tensor([float(value)], dtype=torch.float64)
+            return [float(v) for v in values]
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
         dist.all_reduce(t, group=self.group)
-        return float(t.item())
+        return t.tolist()
 
     def step(self, n_samples: int, lengths: torch.Tensor,
              loss_fn: Callable[[torch.Tensor], tuple[torch.Tensor, dict]],

@@ -317,8 +317,8 @@ class ActorUpdate:
         version = ctx.step + 1  # updates applied so far
         if ctx.weight_sync is not None and version <= ctx.steps - 1 - ctx.max_staleness:
             ctx.weight_sync.send(self.actor.model, version)  # only versions a rollout will take
-        # the same keys in the same order on every rank: these are collectives
-        sums = {k: engine.global_sum(stats.get(k, 0.0)) for k in self._SUMS}
+        # the same keys in the same order on every rank: one collective
+        sums = dict(zip(self._SUMS, engine.global_sums([stats.get(k, 0.0) for k in self._SUMS])))
         t = max(sums.pop("tokens"), 1.0)
         ctx.log(**{f"actor/{k}": v / t for k, v in sums.items()},
                 **{"actor/grad_norm": stats["grad_norm"], "actor/lr": ctx.params["lr"]},
