@@ -62,7 +62,6 @@ def _initial_model(ctx) -> DecoderLM:
 class Actor:
     model: DecoderLM
     train: TrainEngine
-    infer: InferenceEngine
 
 
 def optim_config(ctx, prefix: str = "") -> OptimConfig:
@@ -72,13 +71,28 @@ def optim_config(ctx, prefix: str = "") -> OptimConfig:
                        micro_batch_tokens=p.get("micro_batch_tokens", 4096))
 
 
-def actor(ctx) -> Actor:
-    if "actor" not in _PROCESS:
-        model = _initial_model(ctx)
+def policy(ctx) -> DecoderLM:
+    """This process's policy model, shared by generation and training when co-located."""
+    if "policy" not in _PROCESS:
+        _PROCESS["policy"] = _initial_model(ctx)
+    return _PROCESS["policy"]
+
+
+def policy_inference(ctx) -> InferenceEngine:
+    """Generation on the shared policy (co-located: it sees every update at once)."""
+    if "policy_inference" not in _PROCESS:
         tok = tokenizer(ctx)
+        _PROCESS["policy_inference"] = InferenceEngine(policy(ctx), tok.eos_id, tok.pad_id)
+    return _PROCESS["policy_inference"]
+
+
+def actor(ctx) -> Actor:
+    """The policy with its training engine, built from the trainer stage's context (its
+    data-parallel group, and its DiLoCo sync when the trainer group has islands)."""
+    if "actor" not in _PROCESS:
+        model = policy(ctx)
         sync = ctx.diloco(model) if ctx.diloco else None
-        _PROCESS["actor"] = Actor(model, TrainEngine(model, optim_config(ctx), ctx.process_group, sync),
-                                  InferenceEngine(model, tok.eos_id, tok.pad_id))
+        _PROCESS["actor"] = Actor(model, TrainEngine(model, optim_config(ctx), ctx.process_group, sync))
     return _PROCESS["actor"]
 
 

@@ -96,7 +96,7 @@ class Rollout:
         self.sampling = SamplingParams(temperature=p["temperature"], top_p=p["top_p"],
                                        top_k=p["top_k"], max_new_tokens=p["max_new_tokens"])
         self.sync = ctx.weight_sync
-        self.infer = actors.policy_copy(ctx) if self.sync else actors.actor(ctx).infer
+        self.infer = actors.policy_copy(ctx) if self.sync else actors.policy_inference(ctx)
         self.version = 0
         context = self.infer.model.config.max_position_embeddings
         if p["max_prompt_len"] + p["max_new_tokens"] > context:
