@@ -36,13 +36,13 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _common import cpu_model, git_state  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -51,28 +51,6 @@ RESULTS = HERE / "results"
 SMALL = dict(vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
              rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False)
-
-
-def git_state() -> dict:
-    """The commit measured, and the files of the package that differ from it."""
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], cwd=Path(__file__).resolve().parents[1], capture_output=True,
-                                  text=True, timeout=10).stdout
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    dirty = [line[3:] for line in git("status", "--porcelain", "--", "distflow", "pipelines").splitlines()]
-    return {"commit": git("rev-parse", "--short", "HEAD").strip(), "modified": dirty}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def qwen2_kwargs(name: str) -> dict:

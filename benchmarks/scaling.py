@@ -65,9 +65,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+from _common import MetricsWatcher, cpu_model  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -75,40 +75,6 @@ PIPELINE = HERE / "scaling_pipeline.py"
 RESULTS = HERE / "results"
 MODES = ("p2p", "hub")
 STAGES = ("load", "rollout", "reward", "ref_logprob", "advantage", "update")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-class MetricsWatcher(threading.Thread):
-    """Notes when each line of ``metrics.jsonl`` appears (this process's clock)."""
-
-    def __init__(self, path: Path):
-        super().__init__(daemon=True)
-        self.path, self.arrivals, self._halt = path, [], threading.Event()
-
-    def run(self) -> None:
-        seen = 0
-        while not self._halt.is_set():
-            try:
-                n = self.path.read_bytes().count(b"\n")
-            except OSError:
-                n = 0
-            now = time.perf_counter()
-            self.arrivals.extend([now] * (n - seen))
-            seen = max(seen, n)
-            self._halt.wait(0.02)
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join()
 
 
 def run_one(n: int, mode: str, args, run_dir: Path) -> dict:
