@@ -45,7 +45,6 @@ def modes(h: int) -> dict[str, list[str]]:
 
 def count_params(params: dict) -> int:
     """Trainable params of the exact model ``lm_diloco.py`` builds for ``params``."""
-    import torch  # noqa: F401
     from distflow.models import DecoderLM, preset
     cfg = preset("tiny", vocab_size=256, hidden_size=params["hidden"],
                  num_hidden_layers=params["layers"], intermediate_size=4 * params["hidden"],

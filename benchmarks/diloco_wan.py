@@ -260,7 +260,6 @@ def main(argv=None) -> int:
         cleanup()
 
     ideals = [r["step_s"] for r in results if r["mode"] == "ideal"]
-    ideal = sum(ideals) / len(ideals)  # utilisation is against the mean of the ideal runs
     from distflow.models import DecoderLM, preset
     n_params = sum(p.numel() for p in DecoderLM(preset(
         "tiny", vocab_size=256, hidden_size=args.hidden, num_hidden_layers=args.layers,

@@ -263,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"generation: {args.preset} ({params['num_parameters'] / 1e6:.1f}M params, {args.dtype}) on "
           f"{args.device}, batch {args.batch}, prompts {min(lengths)}..{max(lengths)} tokens, "
           f"{args.max_new_tokens} new tokens, greedy, {args.repeats} interleaved repeats")
-    print(f"| implementation | median s/call | tokens/s | min s | max s |")
-    print(f"|---|---|---|---|---|")
+    print("| implementation | median s/call | tokens/s | min s | max s |")
+    print("|---|---|---|---|---|")
     for name, r in res.items():
         print(f"| {name} | {r['median_s']:.3f} | {r['tokens_per_s']:.0f} | {r['min_s']:.3f} | {r['max_s']:.3f} |")
     print(f"distflow / transformers tokens/s: {ratio:.2f}x")

@@ -13,7 +13,7 @@ import msgpack
 import pytest
 import zmq
 
-from harness import PIPELINES, reference, sink_outputs, spawn, torchrun
+from harness import PIPELINES, reference, sink_outputs, spawn
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 PEER_TIMEOUT = 2.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from distflow.algos import get_advantage, get_kl_estimator, get_policy_loss
-from distflow.models import ModelConfig, load_tokenizer, preset
+from distflow.models import ModelConfig, load_tokenizer
 from distflow.models.tokenizer import CharTokenizer
 from distflow.rl.actors import preset_config
 from distflow.rl.tasks import get_reward, get_task

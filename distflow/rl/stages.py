@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_model
 
 from distflow import Batch
-from distflow.algos import (entropy_from_logits, gae, get_advantage, get_policy_loss,
+from distflow.algos import (entropy_from_logits, get_advantage, get_policy_loss,
                             kl_divergence, logprobs_from_logits, value_loss)
 from distflow.engines.generation import left_pad
 from distflow.engines.sampling import SamplingParams
