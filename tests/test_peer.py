@@ -57,7 +57,10 @@ def test_producer_waits_for_slow_consumer_window():
         time.sleep(0.5)
         assert sent == [0, 1], "producer ran past the window of a consumer at step 0"
         b.liveness.update(progress=0)
-        time.sleep(0.5)
+        deadline = time.monotonic() + 5  # the new progress travels by heartbeat
+        while len(sent) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)
         assert sent == [0, 1, 2]
         b.liveness.update(progress=2)
         t.join(5)
