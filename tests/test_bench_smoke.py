@@ -11,13 +11,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _run_quick(script: str, out: Path, timeout: int) -> None:
+    """``python benchmarks/<script> --quick --out <out>``; fails the test on a non-zero exit."""
+    proc = subprocess.run([sys.executable, f"benchmarks/{script}", "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(150)  # above the subprocess timeout, so that one reports first
 def test_transport_quick(tmp_path):
     out = tmp_path / "transport.json"
-    proc = subprocess.run([sys.executable, "benchmarks/transport.py", "--quick", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _run_quick("transport.py", out, timeout=120)
     doc = json.loads(out.read_text())
     assert doc["sizes"]
     for transport in ("distflow", "pyzmq", "gloo"):
@@ -31,9 +36,7 @@ def test_transport_quick(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(270)  # above the subprocess timeout, so that one reports first
 def test_scaling_quick(tmp_path):
-    proc = subprocess.run([sys.executable, "benchmarks/scaling.py", "--quick", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _run_quick("scaling.py", tmp_path, timeout=240)
     doc = json.loads((tmp_path / "scaling.json").read_text())
     assert doc["workers"] == [2, 4]
     got = {(r["n"], r["mode"]): r for r in doc["results"]}
@@ -49,9 +52,7 @@ def test_scaling_quick(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(270)  # above the subprocess timeout, so that one reports first
 def test_diloco_loss_quick(tmp_path):
-    proc = subprocess.run([sys.executable, "benchmarks/diloco_loss.py", "--quick", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _run_quick("diloco_loss.py", tmp_path, timeout=240)
     doc = json.loads((tmp_path / "diloco_loss.json").read_text())
     res = doc["results"]
     for mode in ("dp", "diloco", "streaming"):
@@ -67,9 +68,7 @@ def test_diloco_loss_quick(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(270)  # above the subprocess timeout, so that one reports first
 def test_placement_quick(tmp_path):
-    proc = subprocess.run([sys.executable, "benchmarks/placement.py", "--quick", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _run_quick("placement.py", tmp_path, timeout=240)
     doc = json.loads((tmp_path / "placement.json").read_text())
     res = doc["results"]["grpo"]
     assert set(res) == {"colocated", "interleaved", "disagg_s0", "disagg_s1"}
