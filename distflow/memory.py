@@ -13,7 +13,7 @@ Policies (``memory.*`` config keys, all off by default until GPU measurements in
 benchmarks/RESULTS.md argue otherwise):
 
 - ``memory.release``: return cached blocks to the device at every phase boundary
-  (``torch.cuda.empty_cache``);
+  (``torch.cuda.empty_cache``; on the CPU, glibc's free heap via ``malloc_trim``);
 - ``memory.offload``: stages that hold a model they only need during their own phase
   (reference, reward model, critic values) move it to pinned CPU memory afterwards and
   back before their next phase;
@@ -27,6 +27,8 @@ import resource
 from dataclasses import dataclass
 
 import torch
+
+from distflow.transport import heap
 
 GB = float(1 << 30)
 
@@ -79,8 +81,11 @@ class MemoryPolicy:
     def after(self, name: str, stage) -> dict[str, float]:
         if self.cfg.offload and hasattr(stage, "offload"):
             stage.offload()
-        if self.cfg.release and self.cuda:
-            torch.cuda.empty_cache()
+        if self.cfg.release:
+            if self.cuda:
+                torch.cuda.empty_cache()
+            else:
+                heap.release()
         return self.measure(name)
 
     def measure(self, name: str) -> dict[str, float]:

@@ -24,6 +24,7 @@ from typing import Callable
 import zmq
 
 from distflow.config import TransportConfig
+from distflow.transport.heap import keep_large_buffers
 from distflow.transport.liveness import Liveness
 from distflow.transport.wire import Limits, Message, WireError, decode, encode
 
@@ -41,6 +42,8 @@ class Peer:
     def __init__(self, rank: int, world_size: int, host: str, cfg: TransportConfig):
         self.rank, self.world_size, self.cfg = rank, world_size, cfg
         self.limits = Limits(max_message_bytes=int(cfg.max_message_mb * (1 << 20)))
+        if cfg.keep_large_buffers:  # before the context's I/O thread exists
+            keep_large_buffers()
         self._zctx = zmq.Context()
         self._router = self._zctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
