@@ -1,7 +1,7 @@
 """Loss vs bytes: data parallel vs DiLoCo vs Streaming DiLoCo on ``pipelines/lm_diloco.py``.
 
 Three runs of ``distflow run pipelines/lm_diloco.py --nproc 2`` with the same steps, batch,
-seed, model and inner optimizer (AdamW, same ``lr``), so equal tokens:
+seed, model and inner optimizer (AdamW, same ``lr`` and lr schedule), so equal tokens:
 
 - ``dp``: ``diloco.mode=ddp``: both ranks all-reduce gradients every step (plain DP);
 - ``diloco``: ``diloco.mode=diloco diloco.islands=2 diloco.inner_steps=H`` (fp32 payload);
@@ -9,15 +9,17 @@ seed, model and inner optimizer (AdamW, same ``lr``), so equal tokens:
   diloco.fragments=2 diloco.overlap_steps=1 diloco.alpha=0.5 diloco.quantize=e3m0``
   (tau=1 < H/P).
 
-Metrics: the held-out ``eval/loss`` (every ``eval_every`` steps and at the end) and the
-bytes each island contributes ("payload contributed"): for DiLoCo/Streaming the logged
-``diloco/bytes_sent`` (the encoded pseudo-gradient payloads this rank put in the
-all-gathers); for DP ``4 bytes x trainable params x steps`` (the fp32 gradient each rank
+Metrics: the held-out ``eval/loss`` of the global model (every ``eval_every`` steps and at
+the end, where DiLoCo/Streaming complete every in-flight exchange and bring every fragment
+up to date: ``DiLoCo.consensus()``, the model a user deploys) and the bytes each island
+contributes ("payload contributed"): for DiLoCo/Streaming the logged ``diloco/bytes_sent``
+plus ``diloco/export_bytes`` (the encoded pseudo-gradient payloads this rank put in the
+all-gathers, training syncs plus the final one); for DP ``4 bytes x trainable params x steps`` (the fp32 gradient each rank
 contributes to the all-reduce every step). Neither counts collective-algorithm overhead
 (a ring all-reduce moves ~2x its input per rank; an all-gather of N payloads moves
 (N-1) x payload into each rank), so the same definition is used for all three.
 
-    python benchmarks/diloco_loss.py [--steps 600] [--quick] [--out benchmarks/results]
+    python benchmarks/diloco_loss.py [--steps 2400] [--quick] [--out benchmarks/results]
 """
 from __future__ import annotations
 
@@ -33,14 +35,18 @@ ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = "pipelines/lm_diloco.py"
 
 
-def modes(h: int) -> dict[str, list[str]]:
+def modes(h: int, fragments: int = 2) -> dict[str, list[str]]:
     return {
         "dp": ["diloco.mode=ddp"],
         "diloco": ["diloco.mode=diloco", "diloco.islands=2", f"diloco.inner_steps={h}"],
         "streaming": ["diloco.mode=streaming", "diloco.islands=2", f"diloco.inner_steps={h}",
                       "diloco.quantize=e3m0", "diloco.overlap_steps=1", "diloco.alpha=0.5",
-                      "diloco.fragments=2"],
+                      f"diloco.fragments={fragments}"],
     }
+
+
+def sent_bytes(row: dict) -> float:
+    return row.get("diloco/bytes_sent", 0.0) + row.get("diloco/export_bytes", 0.0)
 
 
 def count_params(params: dict) -> int:
@@ -67,12 +73,18 @@ def run_one(name: str, overrides: list[str], steps: int, run_dir: Path) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=2400)
     ap.add_argument("--inner-steps", type=int, default=30, help="H")
-    ap.add_argument("--lr", type=float, default=3e-3, help="inner AdamW lr (all runs)")
+    ap.add_argument("--fragments", type=int, default=2, help="P (streaming)")
+    ap.add_argument("--lr", type=float, default=3e-3, help="inner AdamW peak lr (all runs)")
+    ap.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"],
+                    help="inner lr schedule (all runs): cosine = linear warmup + cosine decay")
+    ap.add_argument("--warmup", type=int, default=None, help="warmup steps (default: steps // 20)")
+    ap.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor, fraction of --lr")
     ap.add_argument("--outer-lr", type=float, default=0.7)
     ap.add_argument("--outer-momentum", type=float, default=0.9)
-    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--modes", default="dp,diloco,streaming", help="comma-separated subset (dp needed for ratios)")
+    ap.add_argument("--eval-every", type=int, default=None, help="default: 4 x H")
     ap.add_argument("--eval-batch", type=int, default=256)
     ap.add_argument("--quick", action="store_true", help="smoke test: 40 steps")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
@@ -80,20 +92,31 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.eval_every, args.eval_batch = 40, 20, 64
+    if args.eval_every is None:
+        args.eval_every = 4 * args.inner_steps
+    if args.warmup is None:
+        args.warmup = args.steps // 20
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     sys.path.insert(0, str(ROOT))
     from distflow.run import load_pipeline
     pipe_params = dict(load_pipeline(str(ROOT / PIPELINE)).params)
-    common = [f"lr={args.lr}", f"eval_every={args.eval_every}", f"eval_batch={args.eval_batch}",
+    common = [f"lr={args.lr}", f"lr_schedule={args.lr_schedule}", f"warmup={args.warmup}",
+              f"min_lr_ratio={args.min_lr_ratio}", f"eval_every={args.eval_every}",
+              f"eval_batch={args.eval_batch}",
               f"diloco.outer_lr={args.outer_lr}", f"diloco.outer_momentum={args.outer_momentum}"]
-    pipe_params.update(lr=args.lr, eval_every=args.eval_every, eval_batch=args.eval_batch)
+    pipe_params.update(lr=args.lr, lr_schedule=args.lr_schedule, warmup=args.warmup,
+                       min_lr_ratio=args.min_lr_ratio, eval_every=args.eval_every,
+                       eval_batch=args.eval_batch)
     n_params = count_params(pipe_params)
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="diloco_loss_") as tmp:
-        for name, overrides in modes(args.inner_steps).items():
+        selected = args.modes.split(",")
+        for name, overrides in modes(args.inner_steps, args.fragments).items():
+            if name not in selected:
+                continue
             r = run_one(name, [*overrides, *common], args.steps, Path(tmp) / name)
             rows = r["rows"]
             curve = []
@@ -101,39 +124,45 @@ def main(argv=None) -> int:
                 if "eval/loss" not in row:
                     continue
                 step = row["step"] + 1
-                sent = (4 * n_params * step if name == "dp" else row.get("diloco/bytes_sent", 0.0))
+                sent = 4 * n_params * step if name == "dp" else sent_bytes(row)
                 curve.append({"step": step, "bytes": float(sent), "eval_loss": row["eval/loss"]})
             last = rows[-1]
-            total = 4 * n_params * len(rows) if name == "dp" else last.get("diloco/bytes_sent", 0.0)
+            total = 4 * n_params * len(rows) if name == "dp" else sent_bytes(last)
             tokens = sum(row.get("count/tokens", 0) for row in rows)
             results[name] = {
                 "command": r["command"], "wall_s": round(r["wall_s"], 1),
                 "final_eval_loss": curve[-1]["eval_loss"], "final_train_loss": last["train/loss"],
                 "bytes_per_island": float(total), "syncs": last.get("diloco/syncs"),
+                "export_bytes": last.get("diloco/export_bytes"),
                 "tokens": tokens, "median_step_s": sorted(x["timing_s/step"] for x in rows)[len(rows) // 2],
                 "curve": curve}
             print(f"[{name}] eval/loss {results[name]['final_eval_loss']:.4f}  "
                   f"bytes/island {total / 1e6:.3f} MB  wall {r['wall_s']:.0f}s", flush=True)
 
-    dp = results["dp"]
+    dp = results.get("dp", {"final_eval_loss": float("nan"), "bytes_per_island": 4.0 * n_params * args.steps})
     for name, r in results.items():
         r["loss_ratio_vs_dp"] = r["final_eval_loss"] / dp["final_eval_loss"]
         r["bytes_reduction_vs_dp"] = dp["bytes_per_island"] / r["bytes_per_island"] if r["bytes_per_island"] else None
     doc = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "steps": args.steps, "quick": args.quick,
            "nproc": 2, "islands": 2, "trainable_params": n_params,
            "pipeline_params": pipe_params, "inner_steps": args.inner_steps,
-           "outer_lr": args.outer_lr, "outer_momentum": args.outer_momentum,
+           "fragments": args.fragments, "outer_lr": args.outer_lr, "outer_momentum": args.outer_momentum,
            "bytes_definition": "payload contributed per island: DP = 4 B x trainable params x steps "
-                               "(fp32 gradient into the all-reduce); DiLoCo/Streaming = diloco/bytes_sent",
+                               "(fp32 gradient into the all-reduce); DiLoCo/Streaming = diloco/bytes_sent "
+                               "+ diloco/export_bytes (training syncs + the final consensus exchange)",
+           "eval_definition": "held-out loss of the global model: outer params mid-run, "
+                              "DiLoCo.consensus() at the last step (DP: the model)",
            "goal": "eval loss within 2% of DP with >= 100x fewer bytes",
            "results": results}
     for name in ("diloco", "streaming"):
+        if name not in results:
+            continue
         r = results[name]
         doc.setdefault("goal_met", {})[name] = bool(r["loss_ratio_vs_dp"] <= 1.02 and
                                                     (r["bytes_reduction_vs_dp"] or 0) >= 100)
     (out / "diloco_loss.json").write_text(json.dumps(doc, indent=2))
 
-    print(f"\ntrainable params {n_params}, steps {args.steps}, tokens/run {dp['tokens']:.0f}")
+    print(f"\ntrainable params {n_params}, steps {args.steps}, tokens/run {dp.get('tokens', 0):.0f}")
     print("| mode | final held-out eval/loss | bytes / island | loss / DP | DP bytes / bytes | syncs | wall s |")
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
@@ -153,7 +182,8 @@ def main(argv=None) -> int:
         ax.set_xscale("log")
         ax.set_xlabel("cumulative bytes contributed per island")
         ax.set_ylabel("held-out eval loss (nats/byte)")
-        ax.set_title(f"lm_diloco, 2 islands, {args.steps} steps, H={args.inner_steps}")
+        ax.set_title(f"lm_diloco, 2 islands, {args.steps} steps, H={args.inner_steps}, "
+                     f"{args.lr_schedule} lr")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
         fig.tight_layout()

@@ -17,6 +17,15 @@ island. Every rank of an island runs its own ``DiLoCo`` on the same (identical) 
 
 ``diloco`` is ``streaming`` with one fragment, ``tau = 0``, ``alpha = 0``: one code path.
 
+The model a user gets (and the one to evaluate) is the global model, as in both papers:
+the outer parameters, bit-identical on every island. Mid-run, ``global_params`` holds it
+(each fragment as of its last finished outer step; no communication). At the end of
+training, ``consensus()`` gives the global model brought up to date: every in-flight
+exchange completed and every fragment whose last pseudo-gradient predates the current step
+synced once more, as if each island ended with ``local := global``. It works on copies, so
+the training state (and an exact resume) is untouched; the bytes of its extra exchanges are
+counted in ``diloco/export_bytes``.
+
 Exchange: each island encodes its pseudo-gradient with the codec of ``quantize``
 (``distflow.quantize``), the payloads are all-gathered, and every island decodes them and
 sums in fp32 in island order, so all islands compute bit-identical global params and outer
@@ -25,6 +34,7 @@ sync, whatever the number of islands or the collective's algorithm).
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 from dataclasses import dataclass
@@ -269,6 +279,7 @@ class DiLoCo:
                  fragments: list[list[str]] | None = None):
         self.cfg, self.reducer = cfg, reducer
         self.step, self.bytes_sent, self.syncs = 0, 0, 0
+        self.export_bytes = 0
         self._pending: list[_InFlight] = []
         self.params: dict[str, torch.nn.Parameter] = {}
         self.fragments: list[list[str]] = []
@@ -349,13 +360,18 @@ class DiLoCo:
             raise RuntimeError(f"fragment {f} payload has {payload.numel()} bytes, expected {offset}")
         return out
 
+    def _outer_step(self, pseudo_gradient: torch.Tensor, g: torch.Tensor, buf: torch.Tensor) -> None:
+        """SGD (Nesterov) on ``g`` in place with momentum buffer ``buf`` (torch's, dampening 0)."""
+        cfg = self.cfg
+        buf.mul_(cfg.outer_momentum).add_(pseudo_gradient)
+        update = pseudo_gradient.add(buf, alpha=cfg.outer_momentum) if cfg.nesterov else buf
+        g.sub_(update, alpha=cfg.outer_lr)
+
     def _finish(self, item: _InFlight) -> None:
         cfg = self.cfg
         for n, pseudo_gradient in self._reduce(item).items():
-            g, buf = self.global_params[n], self.momentum[n]
-            buf.mul_(cfg.outer_momentum).add_(pseudo_gradient)  # torch SGD's buffer, dampening 0
-            update = pseudo_gradient.add(buf, alpha=cfg.outer_momentum) if cfg.nesterov else buf
-            g.sub_(update, alpha=cfg.outer_lr)
+            g = self.global_params[n]
+            self._outer_step(pseudo_gradient, g, self.momentum[n])
             local = self.params[n]
             if cfg.alpha == 0.0:
                 local.copy_(g)
@@ -363,12 +379,67 @@ class DiLoCo:
                 local.copy_(local.float().mul(cfg.alpha).add_(g, alpha=1.0 - cfg.alpha))
         self.syncs += 1
 
+    # ---- the model to deploy / evaluate
+
+    def last_start(self, f: int) -> int | None:
+        """The latest step ``<= self.step`` at which fragment ``f`` started a sync (None: never)."""
+        s = self.step - (self.step - self.offsets[f]) % self.cfg.inner_steps
+        return s if s >= 1 else None
+
+    @torch.no_grad()
+    def consensus(self) -> dict[str, torch.Tensor]:
+        """The global model as of now, fp32, identical on every island: for each fragment,
+        its in-flight exchanges are completed (outer step, then the ``alpha`` merge into a
+        copy of the local params), and if its last pseudo-gradient was taken before the
+        current step, one more exchange of ``global - local`` and outer step follow. No
+        training state changes (global params, momentum, local params, schedule, in-flight
+        exchanges), only ``export_bytes``. Every island must call it at the same step (it
+        may gather)."""
+        if self.cfg.mode == "ddp":
+            raise RuntimeError("consensus() needs mode diloco or streaming; in ddp the model is the global model")
+        cfg = self.cfg
+        out: dict[str, torch.Tensor] = {}
+        for f, names in enumerate(self.fragments):
+            g = {n: self.global_params[n].clone() for n in names}
+            buf = {n: self.momentum[n].clone() for n in names}
+            local = {n: self.params[n].detach().float().clone() for n in names}
+            for item in [x for x in self._pending if x.fragment == f]:
+                for n, pseudo_gradient in self._reduce(item).items():
+                    self._outer_step(pseudo_gradient, g[n], buf[n])
+                    local[n].mul_(cfg.alpha).add_(g[n], alpha=1.0 - cfg.alpha)
+            last = self.last_start(f)
+            if last is None or last < self.step:
+                payload = torch.cat([self.codec.encode(g[n] - local[n]) for n in names])
+                self.export_bytes += payload.numel()
+                item = _InFlight(f, self.step, self.reducer.start_all_gather(payload))
+                for n, pseudo_gradient in self._reduce(item).items():
+                    self._outer_step(pseudo_gradient, g[n], buf[n])
+            out.update(g)
+        return out
+
+    @contextlib.contextmanager
+    def swapped_in(self, values: dict[str, torch.Tensor]):
+        """Within the block the model's params hold ``values`` (e.g. ``global_params`` or
+        ``consensus()``); restored exactly afterwards."""
+        saved = {n: p.detach().clone() for n, p in self.params.items()}
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(values[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(saved[n])
+
     # ---- metrics and checkpoints
 
     def stats(self) -> dict[str, float]:
-        """``diloco/bytes_sent``: payload bytes this rank sent; ``diloco/syncs``: fragment
-        syncs finished (a diloco round counts 1, a streaming fragment sync counts 1)."""
-        return {"diloco/bytes_sent": float(self.bytes_sent), "diloco/syncs": float(self.syncs)}
+        """``diloco/bytes_sent``: payload bytes this rank sent for training syncs;
+        ``diloco/syncs``: fragment syncs finished (a diloco round counts 1, a streaming
+        fragment sync counts 1); ``diloco/export_bytes``: payload bytes of ``consensus()``."""
+        return {"diloco/bytes_sent": float(self.bytes_sent), "diloco/syncs": float(self.syncs),
+                "diloco/export_bytes": float(self.export_bytes)}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """CPU tensors only: ``diloco/{step,bytes_sent,syncs}``, ``diloco/global/<param>``,

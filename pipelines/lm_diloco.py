@@ -7,8 +7,21 @@ split by file), the workload for low-communication training between trainer isla
         diloco.fragments=2 diloco.overlap_steps=1 diloco.alpha=0.5 diloco.quantize=e3m0
 
 Metrics: ``train/loss``, ``eval/loss`` (held-out, every ``eval_every`` steps and at the
-end), ``diloco/bytes_sent`` (per island, cumulative) and ``perf/throughput``.
+end), ``diloco/bytes_sent`` (per island, cumulative), ``diloco/export_bytes`` and
+``perf/throughput``.
+
+Evaluation is of the model a user would deploy, the global model (as in the DiLoCo and
+Streaming DiLoCo papers), identical on every island: with DiLoCo/Streaming, mid-run evals
+use the outer (global) params, the last step's eval uses ``DiLoCo.consensus()`` (in-flight
+exchanges completed, every fragment brought up to date; its bytes are ``diloco/export_bytes``).
+
+Learning rate (inner AdamW in every mode): ``lr_schedule=constant`` (default) or ``cosine``:
+linear warmup over ``warmup`` steps, then cosine decay to ``min_lr_ratio * lr`` at the last
+step (``decay_steps``, 0: the run's ``--steps``). The lr is a function of the step only, so
+a resumed run follows the same schedule.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -27,6 +40,20 @@ def text_batches(ctx):
     tokens = windows(corpus, starts[mine], p["seq_len"] + 1)
     return {"text": Batch({"tokens": tokens}, mine + ctx.step * p["batch"],
                           torch.full((len(mine),), p["seq_len"]))}
+
+
+def lr_at(p, step: int, steps: int) -> float:
+    """Inner lr of (0-based) ``step``: constant, or linear warmup + cosine to ``min_lr_ratio``."""
+    lr = p["lr"]
+    if p["lr_schedule"] == "constant":
+        return lr
+    if p["lr_schedule"] != "cosine":
+        raise ValueError(f"lr_schedule must be constant or cosine, got {p['lr_schedule']!r}")
+    warmup, total = p["warmup"], p["decay_steps"] or steps
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
+    return lr * (p["min_lr_ratio"] + (1 - p["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 class LMTrain:
@@ -54,11 +81,20 @@ class LMTrain:
                                reduction="sum")
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def _evaluate(self) -> float:
         self.model.eval()
         loss = self._loss_sum(self.eval_tokens) / self.eval_tokens[:, 1:].numel()
         self.model.train()
         return float(loss)
+
+    def evaluate(self, final: bool = False) -> float:
+        """Held-out loss of the global model (see the module docstring); ``final``: brought
+        up to date by ``consensus()`` (every island must call it at the same step)."""
+        sync = self.engine.sync
+        if sync is None or sync.cfg.mode == "ddp":
+            return self._evaluate()
+        with sync.swapped_in(sync.consensus() if final else sync.global_params):
+            return self._evaluate()
 
     def __call__(self, ctx, text: Batch):
         tokens = text["tokens"]
@@ -68,12 +104,16 @@ class LMTrain:
             loss = self._loss_sum(tokens[index])
             return loss, {"loss": float(loss.detach())}
 
+        p = ctx.params
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr_at(p, ctx.step, ctx.steps)
         stats = self.engine.step(len(text), text.lengths, loss_fn, normalizer=n_tok)
         ctx.log(**{"train/loss": self.engine.global_sum(stats.get("loss", 0.0)) / n_tok,
-                   "count/tokens": tokens[:, 1:].numel(), **self.engine.sync_stats()})
-        p = ctx.params
-        if (ctx.step + 1) % p["eval_every"] == 0 or ctx.step + 1 == ctx.steps:
-            ctx.log(**{"eval/loss": self.evaluate()})
+                   "count/tokens": tokens[:, 1:].numel(), "train/lr": lr_at(p, ctx.step, ctx.steps),
+                   **self.engine.sync_stats()})
+        final = ctx.step + 1 == ctx.steps
+        if (ctx.step + 1) % p["eval_every"] == 0 or final:
+            ctx.log(**{"eval/loss": self.evaluate(final), **self.engine.sync_stats()})
 
     def save_checkpoint(self, ctx, directory):
         self.engine.save(directory, ctx.island)
@@ -87,4 +127,5 @@ pipeline = Pipeline("lm_diloco", [
     Stage("train", LMTrain, inputs=["text"], group="trainer"),
 ], params={"seq_len": 64, "batch": 32, "hidden": 64, "layers": 4, "lr": 3e-3,
            "weight_decay": 0.1, "micro_batch_tokens": 8192, "eval_every": 50,
-           "eval_batch": 64}, defaults={"steps": 300})
+           "eval_batch": 64, "lr_schedule": "constant", "warmup": 0, "min_lr_ratio": 0.1,
+           "decay_steps": 0}, defaults={"steps": 300})

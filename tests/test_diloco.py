@@ -238,7 +238,56 @@ def test_hand_computed_streaming_trajectory(tau, alpha):
     else:
         assert (sd["diloco/pending/1/finish_step"].item(), sd["diloco/pending/1/b"].item()) == (11, in_flight)
     # 5 starts of one fp32 element each; finished syncs: 5, or 4 with b's last one in flight
-    assert stats == {"diloco/bytes_sent": 20.0, "diloco/syncs": 5.0 - tau}
+    assert stats == {"diloco/bytes_sent": 20.0, "diloco/syncs": 5.0 - tau, "diloco/export_bytes": 0.0}
+
+
+# consensus() at t10 (continuing the table above): a last started at t8 < t10, so one more
+# exchange d = mean(G - L) and outer step; b started at t10: its sync is completed, no new one.
+# tau=0 alpha=0:   a: d=((-13+15)+(-13+19))/2=4 buf=.5*12+4=10 G=-13-.5*(4+5)=-17.5;  b: G=-16.75
+# tau=1 alpha=0.5: a: d=((-13+12.25)+(-13+20.75))/2=3.5 buf=9.5 G=-13-.5*(3.5+4.75)=-17.125
+#                  b: in flight d=7.6875 buf=.5*9.5+7.6875=12.4375 G=-9.125-.5*(7.6875+6.21875)=-16.078125
+CONSENSUS = {(0, 0.0): (-17.5, -16.75), (1, 0.5): (-17.125, -16.078125)}
+
+
+@pytest.mark.parametrize("tau,alpha", list(CONSENSUS))
+def test_consensus_completes_every_fragment_without_changing_the_training_state(tau, alpha):
+    cfg = DiLoCoConfig(mode="streaming", inner_steps=4, num_fragments=2, overlap_steps=tau,
+                       alpha=alpha, outer_lr=0.5, outer_momentum=0.5)
+
+    def island(i, reducer):
+        model = TwoParams()
+        opt, sync = torch.optim.SGD(model.parameters(), lr=1.0), DiLoCo(model, cfg, reducer, [["a"], ["b"]])
+        for _ in range(10):
+            for p in model.parameters():
+                p.grad = torch.full_like(p, (1.0, 3.0)[i])
+            opt.step()
+            sync.after_inner_step()
+        before = (params(model), sync.state_dict(), sync.stats())
+        final = sync.consensus()
+        with sync.swapped_in(final):
+            swapped = params(model)
+        return before, (params(model), sync.state_dict(), sync.stats()), final, swapped
+
+    results = run_islands(2, island)
+    for (model0, sd0, stats0), (model1, sd1, stats1), final, swapped in results:
+        assert {n: v.item() for n, v in final.items()} == dict(zip("ab", CONSENSUS[(tau, alpha)]))
+        assert all(torch.equal(swapped[n], final[n]) for n in final)
+        assert all(torch.equal(model0[n], model1[n]) for n in model0)  # restored after the block
+        assert sd0.keys() == sd1.keys() and all(torch.equal(sd0[k], sd1[k]) for k in sd0)
+        # one more fp32 element (fragment a) exchanged, counted apart from training syncs
+        assert stats1 == {**stats0, "diloco/export_bytes": 4.0}
+
+
+def test_consensus_of_diloco_at_a_sync_step_is_the_global_model():
+    cfg = DiLoCoConfig(mode="diloco", inner_steps=3)
+
+    def island(i, reducer):
+        model, _, sync = train(mlp(), cfg, reducer, i, 6, mlp_loss, adamw)
+        final = sync.consensus()
+        return final, sync.global_params, sync.export_bytes
+
+    for final, global_params, export_bytes in run_islands(2, island):
+        assert export_bytes == 0 and all(torch.equal(final[n], global_params[n]) for n in final)
 
 
 def test_merge_weights_local_by_alpha():
@@ -352,7 +401,7 @@ def test_ddp_mode_is_a_no_op():
     for _ in range(5):
         sync.after_inner_step()
     assert all(torch.equal(before[n], p) for n, p in params(model).items())
-    assert sync.stats() == {"diloco/bytes_sent": 0.0, "diloco/syncs": 0.0}
+    assert sync.stats() == {"diloco/bytes_sent": 0.0, "diloco/syncs": 0.0, "diloco/export_bytes": 0.0}
     assert sync.state_dict()["diloco/step"].item() == 5
 
 
