@@ -1,7 +1,9 @@
 """Data-plane benchmark: distflow ``Peer`` vs raw pyzmq vs torch.distributed gloo.
 
-Two worker processes per transport (``multiprocessing`` spawn context) talk over
-127.0.0.1. The payload is one float32 tensor of the given size; every transport uses
+Two worker processes per transport (``multiprocessing`` spawn context) on this machine.
+distflow and raw pyzmq use the endpoint distflow's ``Peer`` picks for a peer on the same
+machine (an abstract Unix socket on Linux; ``--tcp``: TCP on 127.0.0.1 for both); gloo
+uses TCP on 127.0.0.1, its only transport. The payload is one float32 tensor of the given size; every transport uses
 the same scheme:
 
 - throughput: rank 0 sends ``K`` messages back to back, rank 1 receives them all and
@@ -14,7 +16,7 @@ The transports:
 - ``distflow``: two ``Peer`` (world size 2); endpoints passed through the parent, not
   the torch.distributed store; ``send(..., step=None)`` so flow control stays out of
   it; a fresh key per message;
-- ``pyzmq``: a plain PAIR socket pair, ``send(memoryview, copy=False)`` and
+- ``pyzmq``: a plain PAIR socket pair on the same kind of endpoint as distflow, ``send(memoryview, copy=False)`` and
   ``recv(copy=False)`` + ``torch.frombuffer`` (the best raw pyzmq does);
 - ``gloo``: ``dist.send`` / ``dist.recv`` into a preallocated tensor.
 
@@ -92,7 +94,7 @@ class DistflowTransport:
         from distflow.transport.peer import Peer
         from distflow.transport.wire import Message
         self.Message, self.rank, self.other = Message, rank, 1 - rank
-        self.peer = Peer(rank, 2, "127.0.0.1", TransportConfig())
+        self.peer = Peer(rank, 2, "127.0.0.1", TransportConfig(ipc=not _tcp_only()))
         conn.send(self.peer.endpoints)
         self.peer.connect(conn.recv())
 
@@ -115,6 +117,15 @@ class DistflowTransport:
         self.peer.close()
 
 
+def _tcp_only() -> bool:
+    return os.environ.get("DISTFLOW_BENCH_TCP") == "1"
+
+
+def _local_id() -> str:
+    from distflow.transport.peer import _local_id as local_id
+    return local_id()
+
+
 class PyzmqTransport:
     def __init__(self, rank: int, conn, port: int):
         import torch
@@ -123,10 +134,16 @@ class PyzmqTransport:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.PAIR)
         self.sock.setsockopt(zmq.LINGER, 0)
-        mine = self.sock.bind_to_random_port("tcp://127.0.0.1") if rank == 1 else None
+        mine = None
+        if rank == 1:  # the same kind of endpoint distflow's Peer picks for a local peer
+            if _tcp_only() or not _local_id():
+                mine = f"tcp://127.0.0.1:{self.sock.bind_to_random_port('tcp://127.0.0.1')}"
+            else:
+                mine = f"ipc://@distflow-bench-{os.getpid()}"
+                self.sock.bind(mine)
         conn.send(mine)
         if rank == 0:
-            self.sock.connect(f"tcp://127.0.0.1:{conn.recv()[1]}")
+            self.sock.connect(conn.recv()[1])
         else:
             conn.recv()
 
@@ -458,10 +475,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help=f"smoke run: sizes {','.join(fmt_size(s) for s in QUICK_SIZES)}, "
                          "fewer messages, 1 repeat (< 30 s)")
+    ap.add_argument("--tcp", action="store_true",
+                    help="distflow and raw pyzmq over TCP loopback (default: a local abstract "
+                         "Unix socket where available, as distflow's Peer picks for a peer on "
+                         "the same machine; gloo is TCP either way)")
     ap.add_argument("--repeats", type=int, help="trials per transport and size (default 5, quick 1)")
     ap.add_argument("--out", type=Path, default=RESULTS / "transport.json",
                     help="JSON path; the PNG goes next to it with suffix .png")
     args = ap.parse_args(argv)
+    if args.tcp:
+        os.environ["DISTFLOW_BENCH_TCP"] = "1"  # read by the spawned workers
+    from distflow.transport.peer import _local_id
+    endpoint_kind = "tcp" if args.tcp or not _local_id() else "ipc (abstract Unix socket)"
     sizes = sorted(set(args.sizes or (QUICK_SIZES if args.quick else SIZES)))
     repeats = args.repeats or (1 if args.quick else 5)
     command = " ".join(["python", "benchmarks/transport.py", *(sys.argv[1:] if argv is None else argv)])
@@ -485,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "benchmark": "transport", "date": when, "command": command, "elapsed_s": round(elapsed, 1),
         "machine": {**info, "network": "loopback 127.0.0.1"},
+        "zmq_endpoints": endpoint_kind, "gloo_endpoints": "tcp",
         "versions": {"torch": torch.__version__, "pyzmq": zmq.__version__,
                      "libzmq": zmq.zmq_version()},
         "method": {

@@ -28,6 +28,9 @@ class TransportConfig:
     window: int = 2
     """Flow control: a producer may run at most this many iterations ahead of a consumer."""
     max_message_mb: float = 2048.0
+    ipc: bool = True
+    """Peers in the same network namespace of one machine talk over an abstract Unix
+    socket instead of TCP loopback (Linux); false: TCP everywhere."""
     keep_large_buffers: bool = True
     """glibc: serve large receive buffers from the heap and reuse them instead of a fresh,
     page-faulting mmap per message (2.5x at 64 MiB; see distflow/transport/heap.py)."""

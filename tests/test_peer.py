@@ -7,7 +7,7 @@ import torch
 
 from distflow.config import TransportConfig
 from distflow.transport.liveness import PeerFailure
-from distflow.transport.peer import Peer, TransportTimeout
+from distflow.transport.peer import Peer, TransportTimeout, pick_endpoint
 from distflow.transport.wire import Message
 
 pytestmark = pytest.mark.timeout(60)
@@ -126,3 +126,24 @@ def test_done_peer_is_not_presumed_dead():
     finally:
         a.close(failed=True)
         b.close(failed=True)
+
+
+@pytest.mark.skipif(not __import__("distflow.transport.peer", fromlist=["_local_id"])._local_id(),
+                    reason="abstract Unix sockets need Linux")
+def test_local_peers_use_the_unix_socket_and_others_tcp():
+    a, b = _mesh(2)
+    try:
+        assert a._data_endpoints[1].startswith("ipc://@") and a._data_endpoints[1] == b.ipc_endpoint
+        a.send(1, Message(0, "data", (0,), None, {"x": torch.arange(5)}))
+        assert torch.equal(b.recv("data", (0,), [0])[0].tensors["x"], torch.arange(5))
+        # Another machine or network namespace (different local id), or none known: TCP.
+        assert pick_endpoint(a.local_id, {**b.endpoints, "local_id": "other-boot/1"}) == b.endpoint
+        assert pick_endpoint("", b.endpoints) == b.endpoint and b.endpoint.startswith("tcp://")
+    finally:
+        _close([a, b])
+    c, d = _mesh(2, ipc=False)
+    try:
+        assert c._data_endpoints[1] == d.endpoint and d.endpoint.startswith("tcp://")
+        assert not d.ipc_endpoint
+    finally:
+        _close([c, d])

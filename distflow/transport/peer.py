@@ -2,6 +2,11 @@
 
 Each rank binds one ROUTER socket for everything it receives and opens one DEALER per
 peer it sends to (identity ``r<rank>``, so a message's claimed source can be checked).
+The ROUTER listens on TCP and, on Linux, also on an abstract-namespace Unix socket; a
+peer in the same network namespace of the same boot connects over the Unix socket,
+which skips the TCP stack (1.3-2x the loopback throughput, see benchmarks/RESULTS.md),
+everyone else over TCP. Abstract sockets live in the network namespace, so peers in
+different namespaces (the shaped-link DiLoCo benchmark) always use TCP.
 Messages are addressed by ``(kind, key, src)``; a receive waits for exactly the keys
 the deterministic plan says will come, stashing early arrivals in a mailbox.
 
@@ -18,7 +23,9 @@ Guarantees:
 from __future__ import annotations
 
 import logging
+import os
 import time
+import uuid
 from typing import Callable
 
 import zmq
@@ -38,6 +45,24 @@ class TransportTimeout(TimeoutError):
     pass
 
 
+def pick_endpoint(local_id: str, peer: dict[str, str]) -> str:
+    """The peer's Unix socket when it is reachable from here, else its TCP endpoint."""
+    if local_id and peer.get("ipc") and peer.get("local_id") == local_id:
+        return peer["ipc"]
+    return peer["data"]
+
+
+def _local_id() -> str:
+    """Who can reach our abstract Unix socket: same boot, same network namespace
+    (empty where either is unknown, i.e. off Linux: TCP only)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            boot = fh.read().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/net').st_ino}"
+    except OSError:
+        return ""
+
+
 class Peer:
     def __init__(self, rank: int, world_size: int, host: str, cfg: TransportConfig):
         self.rank, self.world_size, self.cfg = rank, world_size, cfg
@@ -51,6 +76,11 @@ class Peer:
         self._router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
         port = self._router.bind_to_random_port(f"tcp://{host}")
         self.endpoint = f"tcp://{host}:{port}"
+        self.local_id = _local_id() if cfg.ipc else ""
+        self.ipc_endpoint = ""
+        if self.local_id:
+            self.ipc_endpoint = f"ipc://@distflow-{uuid.uuid4().hex}-r{rank}"
+            self._router.bind(self.ipc_endpoint)
         self.liveness = Liveness(self._zctx, rank, world_size, host, cfg.heartbeat_s,
                                  cfg.peer_timeout_s)
         self._dealers: dict[int, zmq.Socket] = {}
@@ -62,11 +92,12 @@ class Peer:
     # -- set-up ---------------------------------------------------------------------
     @property
     def endpoints(self) -> dict[str, str]:
-        return {"data": self.endpoint, "heartbeat": self.liveness.endpoint}
+        return {"data": self.endpoint, "heartbeat": self.liveness.endpoint,
+                "ipc": self.ipc_endpoint, "local_id": self.local_id}
 
     def connect(self, peers: dict[int, dict[str, str]]) -> None:
         """Start heartbeats with every peer; data connections open on first send."""
-        self._data_endpoints = {r: p["data"] for r, p in peers.items()}
+        self._data_endpoints = {r: pick_endpoint(self.local_id, p) for r, p in peers.items()}
         self.liveness.start({r: p["heartbeat"] for r, p in peers.items()})
 
     def _dealer(self, dst: int) -> zmq.Socket:
