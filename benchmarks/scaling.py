@@ -34,10 +34,9 @@ Measurements (per run):
 
 Reading the numbers:
 
-- the rollout and train groups do NOT overlap here: rank 0 (a rollout rank) waits at the
-  end of every step for all ranks' metrics before it starts the next step, and every
-  rollout rank waits for rank 0 in the re-shard's cost exchange, so a step takes
-  rollout + train (about 2 x 0.51 s by default) in both modes, not max(rollout, train);
+- the rollout and train groups overlap: metrics reach rank 0 one step late (no per-step
+  barrier), so the rollout group generates step k+1 while the train group trains on
+  step k, and a step takes about max(rollout, train) (0.5 s by default) in both modes;
 - on a 2-core box all N processes share two cores, so the data work of the p2p mode (per
   rank constant under weak scaling) still adds up to N x that on the same two cores, in a
   burst when the groups hand over; that, not routing, is most of p2p's loss at N=16;
