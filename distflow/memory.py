@@ -54,6 +54,20 @@ def _rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _rss_and_peak_bytes() -> tuple[int, int]:
+    """(resident set, its peak) of this process: one read of ``/proc/self/status``
+    (``VmRSS``, ``VmHWM``) where there is one, else ``statm`` + ``getrusage`` (which
+    profiled at ~0.7 ms a call inside busy 2-worker GRPO runs, 6 calls a step)."""
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            text = fh.read()
+        rss, peak = (int(text[text.index(k) + 6:text.index(b"kB", text.index(k))]) * 1024
+                     for k in (b"VmRSS:", b"VmHWM:"))
+        return rss, peak
+    except (OSError, ValueError):
+        return _rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def offload_module(module: torch.nn.Module) -> None:
     """Move a module's weights to pinned CPU memory (no-op when already on the CPU)."""
     for p in module.parameters():
@@ -95,5 +109,5 @@ class MemoryPolicy:
             return {key + "allocated_gb": alloc / GB, key + "reserved_gb": reserved / GB,
                     key + "peak_allocated_gb": torch.cuda.max_memory_allocated() / GB,
                     key + "fragmentation_gb": (reserved - alloc) / GB}
-        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return {key + "rss_gb": _rss_bytes() / GB, key + "peak_rss_gb": peak_kb * 1024 / GB}
+        rss, peak = _rss_and_peak_bytes()
+        return {key + "rss_gb": rss / GB, key + "peak_rss_gb": peak / GB}

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from distflow.engines.sampling import SamplingParams, sample, splitmix64
+from distflow.models.prefix import shared_prefixes
 
 
 @dataclass
@@ -59,9 +60,26 @@ class InferenceEngine:
                  row_seeds: torch.Tensor | None = None) -> Generation:
         """Sample up to ``max_new_tokens`` per prompt. ``row_seeds`` (int64 [N]) makes each
         row's draws a function of its own seed only (see ``sampling.uniform``)."""
+        tokens, mask = left_pad(prompts, self.pad_id)
+        return self.generate_padded(tokens, mask, params, generator, row_seeds)
+
+    @torch.no_grad()
+    def generate_padded(self, tokens: torch.Tensor, mask: torch.Tensor, params: SamplingParams,
+                        generator: torch.Generator | None = None,
+                        row_seeds: torch.Tensor | None = None) -> Generation:
+        """``generate`` for prompts already left-padded: ``tokens``, ``mask`` [N, P] (every
+        row with at least one real token). Leading columns that are padding in every row
+        are dropped, so the result is the same as ``generate`` on the unpadded prompts.
+
+        Rows that repeat a prompt (GRPO groups) share its prefill: each distinct prompt
+        is run through the model once and its KV cache copied to its rows."""
         from distflow.models import KVCache
 
-        tokens, mask = left_pad(prompts, self.pad_id)
+        mask = mask.bool()
+        if len(tokens) == 0 or not bool(mask.any(1).all()):
+            raise ValueError("every prompt needs at least one token")
+        width = int(mask.sum(1).max())
+        tokens, mask = tokens[:, tokens.shape[1] - width:], mask[:, mask.shape[1] - width:]
         n, p = tokens.shape
         if p + params.max_new_tokens > self.max_context:
             raise ValueError(f"prompt of {p} tokens + max_new_tokens={params.max_new_tokens} "
@@ -69,12 +87,22 @@ class InferenceEngine:
         dev = self.device
         was_training = self.model.training
         self.model.eval()
-        cache = KVCache.allocate(self.model.config, n, p + params.max_new_tokens,
-                                 next(self.model.parameters()).dtype, dev)
+        dtype = next(self.model.parameters()).dtype
         key_mask = torch.zeros((n, p + params.max_new_tokens), dtype=torch.bool, device=dev)
         key_mask[:, :p] = mask.to(dev)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0).to(dev)
-        logits = self.model(tokens.to(dev), positions, key_mask[:, :p], cache)[:, -1]
+        shared = shared_prefixes(tokens, mask)
+        if shared is None:
+            cache = KVCache.allocate(self.model.config, n, p + params.max_new_tokens, dtype, dev)
+            logits = self.model(tokens.to(dev), positions, key_mask[:, :p], cache)[:, -1]
+        else:  # prefill each distinct prompt once, then give every row its prompt's cache
+            first, inverse = (t.to(dev) for t in shared)
+            small = KVCache.allocate(self.model.config, len(first), p + params.max_new_tokens, dtype, dev)
+            logits = self.model(tokens.to(dev)[first], positions[first], key_mask[first, :p],
+                                small)[:, -1].index_select(0, inverse)
+            cache = KVCache([k.index_select(0, inverse) for k in small.keys],
+                            [v.index_select(0, inverse) for v in small.values])
+            cache.length = small.length
         next_pos = positions[:, -1] + 1
         out_tokens, out_logp = [], []
         done = torch.zeros(n, dtype=torch.bool, device=dev)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -58,9 +58,13 @@ class TrainEngine:
         self.model, self.cfg, self.group, self.sync = model, cfg, group, sync
         decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        # the fused kernel: one pass over all parameters (the same AdamW update, rounded
+        # differently in the last bit); the default per-tensor loop where it is unsupported
+        fused = all(p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+                    and p.device.type in ("cpu", "cuda") for p in model.parameters())
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
         self.world = dist.get_world_size(group) if dist.is_initialized() else 1
 
     @property
@@ -86,23 +90,36 @@ class TrainEngine:
 
     def step(self, n_samples: int, lengths: torch.Tensor,
              loss_fn: Callable[[torch.Tensor], tuple[torch.Tensor, dict]],
-             normalizer: float) -> dict[str, float]:
+             normalizer: float | str, sums: Sequence[str] = ()) -> dict[str, float]:
         """One optimizer step over ``n_samples`` local samples.
 
         ``loss_fn(index)`` returns (summed loss of those samples, stats) for a micro-batch
-        given as sample indices; it is divided by ``normalizer`` (e.g. the global token
-        count). Returns averaged stats plus ``grad_norm``.
+        given as sample indices; the loss is divided by ``normalizer``: a number (e.g. the
+        global token count), or the name of a stat of ``loss_fn`` (e.g. ``"tokens"``) whose
+        sum over the whole group is the normalizer. In that case the gradients are summed
+        unnormalized and divided once after the all-reduce, which also sums that stat and
+        the stats named in ``sums`` over the group: one collective per step, and those
+        stats come back as global sums. Returns the (local, or global for those) sums of
+        the stats plus ``grad_norm``.
         """
         self.model.train()
         self.optimizer.zero_grad(set_to_none=False)
         stats: dict[str, float] = {}
+        by_stat = isinstance(normalizer, str)
         for index in (micro_batches(lengths, self.cfg.micro_batch_tokens) if n_samples else []):
             with self._autocast():
                 loss, mb_stats = loss_fn(index)
-            (loss / normalizer).backward()
+            (loss if by_stat else loss / normalizer).backward()
             for k, v in mb_stats.items():
                 stats[k] = stats.get(k, 0.0) + float(v)
-        self._all_reduce_grads()
+        if by_stat:
+            keys = list(dict.fromkeys([normalizer, *sums]))
+            stats.update(zip(keys, self._all_reduce_grads([stats.get(k, 0.0) for k in keys])))
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            if grads:
+                torch._foreach_div_(grads, max(stats[normalizer], 1.0))
+        else:
+            self._all_reduce_grads()
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or float("inf"))
         self.optimizer.step()
@@ -140,16 +157,35 @@ class TrainEngine:
         if self.sync is not None:
             self.sync.load_state_dict(load_file(str(path / "outer.safetensors")))
 
-    def _all_reduce_grads(self) -> None:
+    def _all_reduce_grads(self, values: Sequence[float] = ()) -> list[float]:
+        """Sum the gradients over the group and, in the same collective, ``values``
+        (returned summed). Each value travels as a float32 pair (x, x - float32(x)), so
+        sums of integers up to 2^24 (token counts) are exact and the rest is within
+        float32 rounding of the float64 sum."""
         if self.world == 1:
-            return
+            return [float(v) for v in values]
         for p in self.model.parameters():  # a rank with no samples still joins the sum
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])  # one collective per step
-        dist.all_reduce(flat, group=self.group)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        parts = [g.reshape(-1) for g in grads]
+        packed = bool(values) and bool(parts) and parts[0].dtype in (torch.float32, torch.float64)
+        if packed:
+            exact = torch.tensor([float(v) for v in values], dtype=torch.float64)
+            hi = exact.to(parts[0].dtype)
+            lo = (exact - hi.double()).to(parts[0].dtype)
+            parts += [hi.to(parts[0].device), lo.to(parts[0].device)]
+        if parts:
+            flat = torch.cat(parts)  # one collective per step
+            dist.all_reduce(flat, group=self.group)
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+        if not values:
+            return []
+        if not packed:
+            return self.global_sums(list(values))
+        k = len(values)
+        tail = flat[offset:].double().cpu()
+        return (tail[:k] + tail[k:]).tolist()

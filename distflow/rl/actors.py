@@ -125,9 +125,13 @@ class Critic(torch.nn.Module):
         torch.nn.init.zeros_(self.value_head.weight)
         torch.nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids, position_ids, key_mask) -> torch.Tensor:
-        """Values [B, T] for every position."""
-        _, hidden = self.body(input_ids, position_ids, key_mask, return_hidden=True)
+    @property
+    def config(self):
+        return self.body.config
+
+    def forward(self, input_ids, position_ids, key_mask, cache=None) -> torch.Tensor:
+        """Values [B, T] for every position (``cache``: as ``DecoderLM.forward``)."""
+        _, hidden = self.body(input_ids, position_ids, key_mask, cache, return_hidden=True)
         return self.value_head(hidden).squeeze(-1).float()
 
 

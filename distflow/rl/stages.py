@@ -24,6 +24,7 @@ from distflow.algos import (entropy_from_logits, get_advantage, get_policy_loss,
 from distflow.engines.generation import left_pad
 from distflow.engines.sampling import SamplingParams
 from distflow.memory import MemoryConfig, MemoryPolicy, offload_module, onload_module
+from distflow.models.prefix import forward_shared, shared_prefixes
 from distflow.rl import actors
 from distflow.rl.tasks import get_reward, get_task
 
@@ -36,11 +37,32 @@ def model_inputs(batch: Batch, device) -> tuple[torch.Tensor, torch.Tensor, torc
     return tokens, positions, mask
 
 
-def response_logits(model, batch: Batch) -> torch.Tensor:
-    """Logits [N, R, V] that predict each response token."""
-    tokens, positions, mask = model_inputs(batch, next(model.parameters()).device)
+def response_outputs(model, batch: Batch, share_prefix: bool = True) -> torch.Tensor:
+    """``model``'s outputs [N, R, ...] at the positions that predict each response token
+    (the last prompt slot and every response slot but the last, which predicts nothing).
+
+    When the batch repeats prompts (GRPO groups), each distinct prompt is run once and its
+    samples' responses attend to its keys and values (``distflow.models.prefix``): the
+    same outputs (and gradients) as the plain forward, up to float summation order.
+    """
+    dev = next(model.parameters()).device
+    tokens, positions, mask = model_inputs(batch, dev)
     p, r = batch["prompts"].shape[1], batch["responses"].shape[1]
-    return model(tokens, positions, mask)[:, p - 1:p + r - 1].float()
+    shared = shared_prefixes(tokens[:, :p], mask[:, :p]) if share_prefix else None
+    if shared is None:
+        return model(tokens[:, :p + r - 1], positions[:, :p + r - 1], mask[:, :p + r - 1])[:, p - 1:]
+    first, inverse = shared
+    if r == 1:
+        return model(tokens[first, :p], positions[first, :p], mask[first, :p])[:, -1:].index_select(0, inverse)
+    prefix_out, out = forward_shared(model, tokens[first, :p], positions[first, :p], mask[first, :p],
+                                     inverse, tokens[:, p:p + r - 1], positions[:, p:p + r - 1],
+                                     mask[:, :p + r - 1])
+    return torch.cat([prefix_out[:, -1:].index_select(0, inverse), out], 1)
+
+
+def response_logits(model, batch: Batch, share_prefix: bool = True) -> torch.Tensor:
+    """Logits [N, R, V] (float32) that predict each response token."""
+    return response_outputs(model, batch, share_prefix).float()
 
 
 class _PhaseLocalModel:
@@ -72,8 +94,9 @@ class Prompts:
         n, g = ctx.params["prompts"], ctx.params["group_size"]
         texts = self.task.prompts(n, ctx.seed, ctx.step)
         mine = list(ctx.shard(n))
-        encoded = [self.tok.encode(texts[i]) for i in mine for _ in range(g)]
-        tokens, mask = left_pad(encoded, self.tok.pad_id, ctx.params["max_prompt_len"])
+        tokens, mask = left_pad([self.tok.encode(texts[i]) for i in mine], self.tok.pad_id,
+                                ctx.params["max_prompt_len"])
+        tokens, mask = tokens.repeat_interleave(g, 0), mask.repeat_interleave(g, 0)
         prompt_ids = torch.tensor(mine, dtype=torch.int64).repeat_interleave(g) + ctx.step * n
         ids = prompt_ids * g + torch.arange(g).repeat(len(mine))
         return {"prompts": Batch({"prompts": tokens, "prompt_mask": mask}, ids,
@@ -113,11 +136,11 @@ class Rollout:
         if synced:  # its own phase: time (including the wait for the trainer) and memory
             ctx.log(**{"timing_s/weight_sync": time.perf_counter() - t0},
                     **MemoryPolicy(MemoryConfig()).measure("weight_sync"))
-        rows = [t[m].tolist() for t, m in zip(prompts["prompts"], prompts["prompt_mask"])]
         # each sample's randomness depends on (seed, sample id) only: any placement, any
         # number of workers, the same responses
         row_seeds = prompts.sample_ids + ctx.seed * 1_000_000_007
-        out = self.infer.generate(rows, self.sampling, row_seeds=row_seeds)
+        out = self.infer.generate_padded(prompts["prompts"], prompts["prompt_mask"], self.sampling,
+                                         row_seeds=row_seeds)
         width = self.sampling.max_new_tokens - out.responses.shape[1]
         responses = F.pad(out.responses, (0, width), value=self.infer.pad_id)
         mask = F.pad(out.response_mask, (0, width), value=False)
@@ -155,21 +178,27 @@ class Reward:
         self.fn = get_reward(ctx.params["reward"])
         self.tok = actors.tokenizer(ctx)
 
-    def _text(self, tokens: torch.Tensor, mask: torch.Tensor) -> str:
-        ids = [t for t in tokens[mask].tolist() if t != self.tok.eos_id]
-        return self.tok.decode(ids)
+    def _texts(self, tokens: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        eos, texts, cache = self.tok.eos_id, [], {}
+        for row, keep in zip(tokens.tolist(), mask.tolist()):
+            ids = tuple(t for t, k in zip(row, keep) if k and t != eos)
+            if ids not in cache:  # a group's samples repeat their prompt
+                cache[ids] = self.tok.decode(list(ids))
+            texts.append(cache[ids])
+        return texts
 
     def __call__(self, ctx, rollouts: Batch):
-        rewards = torch.empty(len(rollouts))
-        for i in range(len(rollouts)):
-            prompt = self._text(rollouts["prompts"][i], rollouts["prompt_mask"][i])
-            completion = self._text(rollouts["responses"][i], rollouts["response_mask"][i])
+        rewards = [0.0] * len(rollouts)
+        prompts = self._texts(rollouts["prompts"], rollouts["prompt_mask"])
+        completions = self._texts(rollouts["responses"], rollouts["response_mask"])
+        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
             try:
                 rewards[i] = float(self.fn(prompt, completion))
             except Exception as e:
                 raise ValueError(f"reward function {ctx.params['reward']!r} raised on sample "
                                  f"{int(rollouts.sample_ids[i])} (prompt {prompt!r}, completion "
                                  f"{completion!r}): {type(e).__name__}: {e}") from e
+        rewards = torch.tensor(rewards, dtype=torch.float32)
         ctx.log_mean(len(rewards), **{"reward/mean": rewards.mean()})
         return {"scored": rollouts.with_columns(rewards=rewards)}
 
@@ -225,9 +254,7 @@ class Values:
 
 
 def _values(critic, batch: Batch) -> torch.Tensor:
-    tokens, positions, mask = model_inputs(batch, next(critic.parameters()).device)
-    p, r = batch["prompts"].shape[1], batch["responses"].shape[1]
-    return critic(tokens, positions, mask)[:, p - 1:p + r - 1]
+    return response_outputs(critic, batch)
 
 
 # -- advantages ----------------------------------------------------------------------------
@@ -310,15 +337,15 @@ class ActorUpdate:
 
     def __call__(self, ctx, batch: Batch):
         engine = self.actor.train
-        total = engine.global_sum(float(batch["response_mask"].sum()))
         for _ in range(ctx.params["ppo_epochs"]):
+            # normalized by the global token count, summed with the gradients and the
+            # metrics' sums (the same keys in the same order on every rank): one collective
             stats = engine.step(len(batch), batch.lengths, lambda i: self._loss(ctx, batch.select(i)),
-                                normalizer=max(total, 1.0))
+                                normalizer="tokens", sums=self._SUMS)
         version = ctx.step + 1  # updates applied so far
         if ctx.weight_sync is not None and version <= ctx.steps - 1 - ctx.max_staleness:
             ctx.weight_sync.send(self.actor.model, version)  # only versions a rollout will take
-        # the same keys in the same order on every rank: one collective
-        sums = dict(zip(self._SUMS, engine.global_sums([stats.get(k, 0.0) for k in self._SUMS])))
+        sums = {k: stats.get(k, 0.0) for k in self._SUMS}
         t = max(sums.pop("tokens"), 1.0)
         ctx.log(**{f"actor/{k}": v / t for k, v in sums.items()},
                 **{"actor/grad_norm": stats["grad_norm"], "actor/lr": ctx.params["lr"]},
@@ -340,8 +367,6 @@ class CriticUpdate:
         self.critic, self.engine = actors.critic(ctx)
 
     def __call__(self, ctx, batch: Batch):
-        total = self.engine.global_sum(float(batch["response_mask"].sum()))
-
         def loss_fn(i):
             b = batch.select(i)
             values = _values(self.critic, b)
@@ -349,10 +374,13 @@ class CriticUpdate:
             mask = b["response_mask"].to(dev).float()
             loss, stats = value_loss(values, b["values"].to(dev), b["returns"].to(dev), mask,
                                      clip_eps=ctx.params["value_clip"])
-            return loss * mask.sum(), {"vf_loss": float(loss) * float(mask.sum())}
+            n_tok = float(mask.sum())
+            return loss * mask.sum(), {"vf_loss": float(loss) * n_tok, "tokens": n_tok}
 
-        stats = self.engine.step(len(batch), batch.lengths, loss_fn, normalizer=max(total, 1.0))
-        ctx.log(**{"critic/vf_loss": self.engine.global_sum(stats.get("vf_loss", 0.0)) / max(total, 1.0),
+        # normalized by the global token count; one collective (see TrainEngine.step)
+        stats = self.engine.step(len(batch), batch.lengths, loss_fn, normalizer="tokens",
+                                 sums=("vf_loss",))
+        ctx.log(**{"critic/vf_loss": stats.get("vf_loss", 0.0) / max(stats.get("tokens", 0.0), 1.0),
                    "critic/grad_norm": stats["grad_norm"]},
                 **{f"critic/{k}": v for k, v in self.engine.sync_stats().items()})
 

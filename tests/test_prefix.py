@@ -1,0 +1,225 @@
+"""Shared-prefix computation (GRPO groups share their prompt) equals the unshared one:
+model outputs, log-probs, gradients, generation; and the one-collective training step
+equals the step with a precomputed normalizer."""
+import os
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from distflow import Batch
+from distflow.algos import logprobs_from_logits
+from distflow.engines.generation import InferenceEngine
+from distflow.engines.sampling import SamplingParams
+from distflow.engines.training import OptimConfig, TrainEngine
+from distflow.models import DecoderLM, preset
+from distflow.models.prefix import forward_shared, shared_prefixes
+from distflow.rl.actors import Critic
+from distflow.rl.stages import response_logits, response_outputs
+
+pytestmark = pytest.mark.timeout(120)
+EOS, PAD, VOCAB = 1, 0, 32
+
+
+def _model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return DecoderLM(preset("tiny", vocab_size=VOCAB, eos_token_id=EOS, pad_token_id=PAD, **overrides))
+
+
+def _grpo_batch(seed=0, prompts=5, group=4, p=6, r=5, shuffle=False):
+    """Ragged left-padded prompts, each repeated ``group`` times, ragged right-padded
+    responses (some ending early)."""
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(1, p + 1, (prompts,), generator=g)
+    lens[0] = p
+    tok = torch.full((prompts, p), PAD)
+    pmask = torch.zeros((prompts, p), dtype=torch.bool)
+    for i, n in enumerate(lens.tolist()):
+        tok[i, p - n:] = torch.randint(3, VOCAB, (n,), generator=g)
+        pmask[i, p - n:] = True
+    tok, pmask = tok.repeat_interleave(group, 0), pmask.repeat_interleave(group, 0)
+    n = prompts * group
+    rlen = torch.randint(1, r + 1, (n,), generator=g)
+    rlen[0] = r
+    rmask = torch.arange(r)[None] < rlen[:, None]
+    resp = torch.where(rmask, torch.randint(3, VOCAB, (n, r), generator=g), torch.full((n, r), PAD))
+    order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+    return Batch({"prompts": tok[order], "prompt_mask": pmask[order], "responses": resp[order],
+                  "response_mask": rmask[order]}, torch.arange(n), pmask.sum(1) + rlen,
+                 groups=torch.arange(prompts).repeat_interleave(group)[order])
+
+
+def test_shared_prefixes_finds_identical_prompts_only():
+    b = _grpo_batch(shuffle=False)
+    first, inverse = shared_prefixes(b["prompts"], b["prompt_mask"])
+    assert len(first) == 5 and torch.equal(b["prompts"][first][inverse], b["prompts"])
+    s = _grpo_batch(shuffle=True)  # not adjacent: found by sorting
+    first, inverse = shared_prefixes(s["prompts"], s["prompt_mask"])
+    assert len(first) == 5
+    assert torch.equal(s["prompts"][first][inverse], s["prompts"])
+    assert torch.equal(s["prompt_mask"][first][inverse], s["prompt_mask"])
+    # distinct prompts, or too few repeats: no sharing
+    distinct = torch.arange(12).reshape(4, 3)
+    assert shared_prefixes(distinct, torch.ones(4, 3, dtype=torch.bool)) is None
+    two = torch.tensor([[1, 2], [1, 2], [3, 4], [5, 6]])
+    assert shared_prefixes(two, torch.ones(4, 2, dtype=torch.bool)) is None
+    # the same tokens under a different mask are different prompts
+    t = torch.tensor([[0, 5], [0, 5], [0, 5], [0, 5]])
+    m = torch.tensor([[False, True], [True, True], [False, True], [True, True]])
+    first, inverse = shared_prefixes(t, m)
+    assert inverse.tolist() in ([0, 1, 0, 1], [1, 0, 1, 0])
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_forward_shared_equals_the_plain_forward(shuffle):
+    model = _model(1)
+    b = _grpo_batch(1, shuffle=shuffle)
+    tokens = torch.cat([b["prompts"], b["responses"]], 1)
+    mask = torch.cat([b["prompt_mask"], b["response_mask"]], 1)
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    p = b["prompts"].shape[1]
+    plain = model(tokens, pos, mask)
+    first, inverse = shared_prefixes(b["prompts"], b["prompt_mask"])
+    prefix_out, out = forward_shared(model, tokens[first, :p], pos[first, :p], mask[first, :p], inverse,
+                                     tokens[:, p:], pos[:, p:], mask)
+    real = mask[:, p:]
+    assert torch.allclose(out[real], plain[:, p:][real], atol=1e-5)
+    preal = mask[first, :p]
+    assert torch.allclose(prefix_out[preal], plain[first, :p][preal], atol=1e-5)
+
+
+def _logp_and_grads(model, batch, share):
+    model.zero_grad()
+    logp = logprobs_from_logits(response_logits(model, batch, share), batch["responses"])
+    adv = torch.linspace(-1, 1, logp.numel()).reshape(logp.shape)
+    ((logp * adv + logp.exp()) * batch["response_mask"]).sum().backward()
+    return logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("r", [1, 2, 5])
+def test_shared_prompt_logprobs_and_gradients_equal_unshared(shuffle, r):
+    model = _model(2, attention_bias=True)
+    batch = _grpo_batch(2, r=r, shuffle=shuffle)
+    lp0, g0 = _logp_and_grads(model, batch, share=False)
+    lp1, g1 = _logp_and_grads(model, batch, share=True)
+    m = batch["response_mask"]
+    assert torch.allclose(lp0[m], lp1[m], atol=1e-5)
+    for name in g0:
+        scale = g0[name].abs().max().clamp(min=1e-3)
+        assert torch.allclose(g0[name] / scale, g1[name] / scale, atol=1e-5), name
+
+
+def test_shared_prompt_critic_values_equal_unshared():
+    critic = Critic(_model(3))
+    torch.nn.init.normal_(critic.value_head.weight)
+    batch = _grpo_batch(3)
+    v0 = response_outputs(critic, batch, share_prefix=False)
+    v1 = response_outputs(critic, batch, share_prefix=True)
+    m = batch["response_mask"]
+    assert torch.allclose(v0[m], v1[m], atol=1e-5)
+
+
+def test_distinct_prompts_fall_back_to_the_plain_forward():
+    model = _model(4)
+    batch = _grpo_batch(4, prompts=8, group=1)
+    assert shared_prefixes(batch["prompts"], batch["prompt_mask"]) is None
+    a = response_logits(model, batch, share_prefix=True)
+    b = response_logits(model, batch, share_prefix=False)
+    assert torch.equal(a, b)
+
+
+def test_generation_shares_the_prefill_of_repeated_prompts():
+    model = _model(5).eval()
+    eng = InferenceEngine(model, EOS, PAD)
+    prompts = [[5, 6, 7], [9, 3], [4]]
+    rows = [p for p in prompts for _ in range(4)]
+    params = SamplingParams(temperature=1.0, max_new_tokens=6)
+    seeds = torch.arange(len(rows)) + 77
+    grouped = eng.generate(rows, params, row_seeds=seeds)
+    # every row alone (nothing to share): the same tokens, the same log-probs
+    for i, row in enumerate(rows):
+        alone = eng.generate([row], params, row_seeds=seeds[i:i + 1])
+        n = int(alone.lengths[0])
+        assert grouped.lengths[i] == n
+        assert grouped.responses[i, :n].tolist() == alone.responses[0, :n].tolist()
+        assert torch.allclose(grouped.logprobs[i, :n], alone.logprobs[0, :n], atol=1e-5)
+
+
+def test_generate_padded_equals_generate():
+    model = _model(6).eval()
+    eng = InferenceEngine(model, EOS, PAD)
+    rows = [[5, 6, 7], [5, 6, 7], [9, 3], [9, 3]]
+    params = SamplingParams(temperature=0.0, max_new_tokens=4)
+    a = eng.generate(rows, params)
+    tok = torch.tensor([[PAD, PAD, 5, 6, 7], [PAD, PAD, 5, 6, 7], [PAD, PAD, PAD, 9, 3], [PAD, PAD, PAD, 9, 3]])
+    b = eng.generate_padded(tok, tok != PAD, params)
+    assert torch.equal(a.responses, b.responses) and torch.equal(a.logprobs, b.logprobs)
+    assert torch.equal(a.prompts, b.prompts)
+
+
+# -- the one-collective step ----------------------------------------------------------------
+def _train(world, rank, by_stat, n_local, group=None):
+    model = _model(7)
+    engine = TrainEngine(model, OptimConfig(lr=1e-2, micro_batch_tokens=12), group)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, VOCAB, (8, 5), generator=g)
+    valid = torch.rand((8, 4), generator=g) > 0.3
+    shards = [torch.arange(0, 8)] if world == 1 else [torch.arange(0, n_local), torch.arange(n_local, 8)]
+    mine = shards[rank]
+
+    def loss_fn(index):
+        rows = mine[index]
+        logp = torch.log_softmax(model(tokens[rows])[:, :-1].float(), -1).gather(
+            -1, tokens[rows, 1:, None]).squeeze(-1)
+        m = valid[rows]
+        loss = -(logp * m).sum()
+        return loss, {"tokens": float(m.sum()), "nll": float(loss.detach())}
+
+    total = float(valid.sum())
+    if by_stat:
+        stats = engine.step(len(mine), torch.full((len(mine),), 5), loss_fn, normalizer="tokens",
+                            sums=("nll",))
+    else:
+        stats = engine.step(len(mine), torch.full((len(mine),), 5), loss_fn, normalizer=total)
+    # the (clipped) gradients, and the parameters after the step
+    return [p.grad.clone() for p in model.parameters()], [p.detach().clone() for p in model.parameters()], stats
+
+
+def _close(grads, ref_grads, params, ref_params):
+    for g, rg in zip(grads, ref_grads):
+        scale = rg.abs().max().clamp(min=1e-6)
+        assert torch.allclose(g / scale, rg / scale, atol=1e-5)
+    for x, y in zip(params, ref_params):  # Adam's g / sqrt(v) amplifies rounding of tiny g
+        assert torch.allclose(x, y, atol=1e-4)
+
+
+def test_normalizer_by_stat_equals_a_precomputed_normalizer():
+    ga, a, sa = _train(1, 0, by_stat=False, n_local=8)
+    gb, b, sb = _train(1, 0, by_stat=True, n_local=8)
+    assert sa["tokens"] == sb["tokens"] and abs(sa["grad_norm"] - sb["grad_norm"]) < 1e-5
+    _close(gb, ga, b, a)
+
+
+def _gloo(rank, world, init_file, out_dir, n_local):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        torch.save(_train(world, rank, True, n_local), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("n_local", [3, 0])  # uneven shards; a rank with no samples
+def test_one_collective_step_over_ranks_equals_one_process(tmp_path, n_local):
+    mp.spawn(_gloo, args=(2, str(tmp_path / "init"), str(tmp_path), n_local), nprocs=2)
+    ref_grads, ref, ref_stats = _train(1, 0, by_stat=False, n_local=8)
+    for rank in range(2):
+        grads, params, stats = torch.load(tmp_path / f"rank{rank}.pt")
+        assert stats["tokens"] == ref_stats["tokens"]  # global sums, exact
+        assert abs(stats["nll"] - ref_stats["nll"]) < 1e-5 * abs(ref_stats["nll"])
+        assert abs(stats["grad_norm"] - ref_stats["grad_norm"]) < 1e-5
+        _close(grads, ref_grads, params, ref)
