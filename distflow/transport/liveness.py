@@ -1,8 +1,11 @@
 """Liveness and progress between peers: a heartbeat thread per rank.
 
 Each rank publishes a small msgpack heartbeat ``{rank, stage, step, progress, state,
-reason}`` every ``heartbeat_s`` and at once whenever its progress or state changes; it
-subscribes to every peer's heartbeats. From them it knows
+reason}`` every ``heartbeat_s`` and at once whenever its progress or state changes (the
+main thread wakes the heartbeat thread through an inproc socket, so flow control sees
+progress without delay); a change of stage alone rides on the next beat, because every
+beat goes to every peer and stages change several times per iteration. It subscribes to
+every peer's heartbeats. From them it knows
 
 - which peers are alive: a peer silent for ``peer_timeout_s`` is presumed dead;
 - which peer failed and why: a rank that raises publishes ``state="failed"`` before exit;
@@ -61,6 +64,14 @@ class Liveness:
         self.changed = threading.Condition()
         self._wake = threading.Event()
         self._stop = threading.Event()
+        # The main thread pokes the heartbeat thread's poll through this pair.
+        addr = f"inproc://distflow-liveness-{id(self)}"
+        self._wake_rx = zctx.socket(zmq.PULL)
+        self._wake_rx.bind(addr)
+        self._wake_tx = zctx.socket(zmq.PUSH)
+        self._wake_tx.setsockopt(zmq.LINGER, 0)
+        self._wake_tx.setsockopt(zmq.SNDHWM, 1)
+        self._wake_tx.connect(addr)
         self._thread: threading.Thread | None = None
 
     # -- called from the main thread -------------------------------------------------
@@ -73,9 +84,18 @@ class Liveness:
         self._thread.start()
 
     def update(self, **fields) -> None:
-        """Change what this rank announces (stage, step, progress, state, reason)."""
+        """Change what this rank announces (stage, step, progress, state, reason); a new
+        progress or state goes out at once, a new stage/step with the next beat."""
         self._me.update(fields)
+        if fields.keys() - {"stage", "step"}:
+            self._poke()
+
+    def _poke(self) -> None:
         self._wake.set()
+        try:
+            self._wake_tx.send(b"", zmq.NOBLOCK)
+        except zmq.ZMQError:  # a poke is already pending (or we are closing): enough
+            pass
 
     def check(self) -> None:
         if self.failure:
@@ -87,13 +107,16 @@ class Liveness:
     def stop(self, flush_s: float = 0.0) -> None:
         """Stop heartbeats; wait ``flush_s`` first so a final state reaches the peers."""
         if flush_s:
-            self._wake.set()
+            self._poke()
             time.sleep(flush_s)
         self._stop.set()
-        self._wake.set()
+        self._poke()
         if self._thread:
             self._thread.join(timeout=5)
         self._pub.close(linger=0)
+        self._wake_tx.close(linger=0)
+        if self._thread is None or not self._thread.is_alive():
+            self._wake_rx.close(linger=0)
 
     # -- the heartbeat thread ---------------------------------------------------------
     def _loop(self) -> None:
@@ -104,6 +127,9 @@ class Liveness:
         for r, ep in self._sub_endpoints.items():
             if r != self.rank:
                 sub.connect(ep)
+        poller = zmq.Poller()
+        poller.register(sub, zmq.POLLIN)
+        poller.register(self._wake_rx, zmq.POLLIN)
         failed_at = None
         next_beat = 0.0
         while not self._stop.is_set():
@@ -112,10 +138,18 @@ class Liveness:
                 self._wake.clear()
                 self._pub.send(msgpack.packb(self._me), zmq.NOBLOCK)
                 next_beat = now + self.heartbeat_s
-            # wait at most until the next beat (and 50 ms, for prompt wake-ups), then
-            # drain a bounded number: many chatty peers must not starve our own beats
+            # sleep until the next beat, a poke from the main thread or a peer's beat
+            # (at most 50 ms, to check for dead peers), then drain a bounded number:
+            # many chatty peers must not starve our own beats
             wait_ms = max(0, int(min(next_beat - now, 0.05) * 1000))
-            if sub.poll(timeout=wait_ms):
+            ready = dict(poller.poll(timeout=wait_ms))
+            if self._wake_rx in ready:
+                while True:
+                    try:
+                        self._wake_rx.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+            if sub in ready:
                 for _ in range(4 * self.world_size):
                     try:
                         self._receive(sub.recv(zmq.NOBLOCK))
@@ -127,6 +161,7 @@ class Liveness:
             if failed_at and time.monotonic() - failed_at > self.peer_timeout_s + 5:
                 self._watchdog_exit()
         sub.close(linger=0)
+        self._wake_rx.close(linger=0)
 
     def _receive(self, raw: bytes) -> None:
         hb = _parse_heartbeat(raw, self.world_size)
