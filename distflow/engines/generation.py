@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distflow.engines.sampling import SamplingParams, sample, splitmix64
+from distflow.engines.sampling import SamplingParams, sample, splitmix64, uniform
 from distflow.models.prefix import shared_prefixes
 
 
@@ -106,10 +106,12 @@ class InferenceEngine:
         next_pos = positions[:, -1] + 1
         out_tokens, out_logp = [], []
         done = torch.zeros(n, dtype=torch.bool, device=dev)
-        row_keys = None if row_seeds is None else splitmix64(row_seeds.to(torch.int64))
+        uniforms = None  # every step's draw of every row at once: [N, max_new_tokens]
+        if row_seeds is not None and not params.greedy:
+            row_keys = splitmix64(row_seeds.to(torch.int64))
+            uniforms = uniform(splitmix64(row_keys[:, None] + torch.arange(params.max_new_tokens)))
         for t in range(params.max_new_tokens):
-            keys = None if row_keys is None else splitmix64(row_keys + t)
-            tok, logp = sample(logits, params, generator, keys)
+            tok, logp = sample(logits, params, generator, uniforms=None if uniforms is None else uniforms[:, t])
             tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
             out_tokens.append(tok)
             out_logp.append(torch.where(done, torch.zeros_like(logp), logp))
