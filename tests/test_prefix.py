@@ -72,22 +72,55 @@ def test_shared_prefixes_finds_identical_prompts_only():
     assert inverse.tolist() in ([0, 1, 0, 1], [1, 0, 1, 0])
 
 
-@pytest.mark.parametrize("shuffle", [False, True])
-def test_forward_shared_equals_the_plain_forward(shuffle):
-    model = _model(1)
-    b = _grpo_batch(1, shuffle=shuffle)
+def _uneven_batch(seed=0, p=4, r=3):
+    """Groups of 1, 5, 2 and 3 samples of 4 prompts, interleaved."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(3, VOCAB, (4, p), generator=g)
+    pmask = torch.ones((4, p), dtype=torch.bool)
+    pmask[1, :2] = False
+    which = torch.tensor([1, 0, 1, 2, 3, 1, 3, 1, 2, 3, 1])
+    n = len(which)
+    rmask = torch.arange(r)[None] < torch.randint(1, r + 1, (n,), generator=g)[:, None]
+    resp = torch.where(rmask, torch.randint(3, VOCAB, (n, r), generator=g), torch.full((n, r), PAD))
+    return Batch({"prompts": torch.where(pmask, prompts, PAD)[which], "prompt_mask": pmask[which],
+                  "responses": resp, "response_mask": rmask}, torch.arange(n), groups=which)
+
+
+def _shared_vs_plain(model, b, packed):
     tokens = torch.cat([b["prompts"], b["responses"]], 1)
     mask = torch.cat([b["prompt_mask"], b["response_mask"]], 1)
     pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
     p = b["prompts"].shape[1]
-    plain = model(tokens, pos, mask)
-    first, inverse = shared_prefixes(b["prompts"], b["prompt_mask"])
-    prefix_out, out = forward_shared(model, tokens[first, :p], pos[first, :p], mask[first, :p], inverse,
-                                     tokens[:, p:], pos[:, p:], mask)
-    real = mask[:, p:]
-    assert torch.allclose(out[real], plain[:, p:][real], atol=1e-5)
-    preal = mask[first, :p]
-    assert torch.allclose(prefix_out[preal], plain[first, :p][preal], atol=1e-5)
+    weights = torch.randn(tokens.shape + (VOCAB,), generator=torch.Generator().manual_seed(9))
+    results = []
+    for shared in (False, True):
+        model.zero_grad()
+        if shared:
+            first, inverse = shared_prefixes(b["prompts"], b["prompt_mask"], max_share=1.0)
+            prefix_out, out = forward_shared(model, tokens[first, :p], pos[first, :p], mask[first, :p],
+                                             inverse, tokens[:, p:], pos[:, p:], mask, packed=packed)
+            full = torch.cat([prefix_out.index_select(0, inverse), out], 1)
+        else:
+            full = model(tokens, pos, mask)
+        # a loss over every real position (prefix positions weigh once per row either way)
+        (full * weights * mask[..., None]).sum().backward()
+        results.append((full.detach(), {n: q.grad.clone() for n, q in model.named_parameters()}))
+    (plain, g0), (shared, g1) = results
+    assert torch.allclose(shared[mask], plain[mask], atol=1e-5)
+    for name in g0:
+        scale = g0[name].abs().max().clamp(min=1e-3)
+        assert torch.allclose(g0[name] / scale, g1[name] / scale, atol=1e-5), name
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_forward_shared_equals_the_plain_forward(shuffle, packed):
+    _shared_vs_plain(_model(1, attention_bias=True), _grpo_batch(1, shuffle=shuffle), packed)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_forward_shared_with_uneven_groups(packed):
+    _shared_vs_plain(_model(8), _uneven_batch(8), packed)
 
 
 def _logp_and_grads(model, batch, share):

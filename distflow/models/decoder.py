@@ -251,7 +251,9 @@ class DecoderLM(nn.Module):
                 0 at each row's first real token.
             key_mask: ``BoolTensor [B, S]``, ``S = T`` without a cache and
                 ``cache.length + T`` with one; False marks padding keys, never attended.
-                A causal mask is always applied on top.
+                A causal mask is always applied on top. Or ``BoolTensor [B, T, S]``: the
+                whole mask (query ``i`` may attend key ``j``), applied as given (e.g. the
+                block mask of packed sequences); each query must be allowed some key.
             cache: a ``KVCache``; this call writes slots ``[length, length + T)`` of every
                 layer and advances ``cache.length`` by ``T``.
             return_hidden: also return the final (normed) hidden states.
@@ -276,12 +278,18 @@ class DecoderLM(nn.Module):
             position_ids = torch.arange(past, past + t, device=device).expand(b, t)
         elif tuple(position_ids.shape) != (b, t):
             raise ValueError(f"position_ids must be [B, T] = [{b}, {t}], got {tuple(position_ids.shape)}")
-        if key_mask is not None:
-            if tuple(key_mask.shape) != (b, past + t):
-                raise ValueError(f"key_mask must be [B, S] = [{b}, {past + t}] ({past} cached + {t} new), "
+        if key_mask is not None and key_mask.dim() == 3:  # the whole mask, used as given
+            if tuple(key_mask.shape) != (b, t, past + t):
+                raise ValueError(f"a 3-D key_mask must be [B, T, S] = [{b}, {t}, {past + t}], "
                                  f"got {tuple(key_mask.shape)}")
-            key_mask = key_mask.to(device=device, dtype=torch.bool)
-        mask = attention_mask(key_mask, t, past, device)
+            mask = key_mask.to(device=device, dtype=torch.bool)[:, None]
+        else:
+            if key_mask is not None:
+                if tuple(key_mask.shape) != (b, past + t):
+                    raise ValueError(f"key_mask must be [B, S] = [{b}, {past + t}] ({past} cached + {t} new), "
+                                     f"got {tuple(key_mask.shape)}")
+                key_mask = key_mask.to(device=device, dtype=torch.bool)
+            mask = attention_mask(key_mask, t, past, device)
         cos, sin = rotary_cos_sin(position_ids.to(device), self.config.head_dim, self.config.rope_theta)
 
         h = self.embed_tokens(input_ids)

@@ -92,15 +92,71 @@ def shared_prefixes(tokens: torch.Tensor, mask: torch.Tensor,
 
 def forward_shared(model, prefix_ids: torch.Tensor, prefix_positions: torch.Tensor,
                    prefix_mask: torch.Tensor, index: torch.Tensor, ids: torch.Tensor,
-                   positions: torch.Tensor, key_mask: torch.Tensor):
+                   positions: torch.Tensor, key_mask: torch.Tensor, packed: bool | None = None):
     """``(prefix_out [U, P, ...], out [N, T, ...])`` of ``model``: a ``DecoderLM``, or any
     module with its ``config`` whose forward takes ``(ids, positions, key_mask, cache)``.
 
     ``prefix_*`` [U, P]: the distinct prefixes; ``ids``, ``positions`` [N, T]: the
     continuations, row ``i`` continuing prefix ``index[i]``; ``key_mask`` [N, P + T]: the
     row's prefix mask followed by its continuation mask.
+
+    Two ways, the same result: the prefixes in one pass and the continuations in a second
+    that reads their keys/values (``packed=False``), or one pass over one packed row per
+    prefix, ``[prefix ; cont_1 ; ... ; cont_G]``, under a block mask (``packed=True``): half
+    the ops, but dense attention over the packed row, so it is chosen (``packed=None``)
+    only where that costs little: short packed rows, balanced groups.
     """
+    if packed is None:
+        packed = _packing_pays(prefix_ids.shape[1], ids.shape[1], index, prefix_ids.shape[0])
+    if packed:
+        return forward_packed(model, prefix_ids, prefix_positions, prefix_mask, index, ids,
+                              positions, key_mask)
     rec = PrefixRecorder(model.config.num_hidden_layers)
     prefix_out = model(prefix_ids, prefix_positions, prefix_mask, rec)
     out = model(ids, positions, key_mask, rec.expand(index))
     return prefix_out, out
+
+
+def _packing_pays(p: int, t: int, index: torch.Tensor, u: int) -> bool:
+    n = len(index)
+    g = int(torch.bincount(index, minlength=u).max()) if n else 0
+    length = p + g * t
+    if u * g > 1.25 * n:  # unequal groups: padding slots would be computed too
+        return False
+    # attention scores: packed rows vs prefix + each continuation over its prefix
+    return length <= 64 or u * length * length <= 2 * (u * p * p + n * t * (p + t))
+
+
+def forward_packed(model, prefix_ids: torch.Tensor, prefix_positions: torch.Tensor,
+                   prefix_mask: torch.Tensor, index: torch.Tensor, ids: torch.Tensor,
+                   positions: torch.Tensor, key_mask: torch.Tensor):
+    """``forward_shared`` in one pass: row ``u`` holds prefix ``u`` followed by the (up to
+    ``G``) continuations of it, each in its own slot of ``T`` tokens; a continuation token
+    sees the valid prefix keys and the valid earlier keys of its own slot, as in the plain
+    forward over ``[prefix ; continuation]``. Slots no row fills are masked padding."""
+    u, p = prefix_ids.shape
+    n, t = ids.shape
+    dev = ids.device
+    counts = torch.bincount(index, minlength=u)
+    g = int(counts.max())
+    order = torch.argsort(index, stable=True)
+    slot = torch.empty(n, dtype=torch.int64, device=dev)
+    slot[order] = torch.arange(n, device=dev) - (counts.cumsum(0) - counts)[index[order]]
+
+    def pack(x: torch.Tensor, fill) -> torch.Tensor:
+        out = torch.full((u, g, t), fill, dtype=x.dtype, device=dev)
+        out[index, slot] = x
+        return out.view(u, g * t)
+
+    all_ids = torch.cat([prefix_ids, pack(ids, 0)], 1)
+    all_pos = torch.cat([prefix_positions, pack(positions, 0)], 1)
+    valid = torch.cat([prefix_mask.bool(), pack(key_mask[:, p:].bool(), False)], 1)   # [U, L]
+    length = p + g * t
+    block = torch.cat([torch.full((p,), -1, device=dev),
+                       torch.arange(g, device=dev).repeat_interleave(t)])            # [L]
+    pos = torch.arange(length, device=dev)
+    structure = (pos[None, :] <= pos[:, None]) & ((block[None, :] == -1) | (block[None, :] == block[:, None]))
+    allowed = (structure[None] & valid[:, None, :]) | torch.eye(length, dtype=torch.bool, device=dev)[None]
+    out = model(all_ids, all_pos, allowed)
+    cont = out[:, p:].reshape(u, g, t, *out.shape[2:])[index, slot]
+    return out[:, :p], cont
