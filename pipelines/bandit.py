@@ -5,11 +5,18 @@ one of 10 actions, and the reward is 1 when the action is ``(3x + 1) mod 10``. E
 context is tried ``group_size`` times; advantages are normalized within those groups.
 
     distflow run pipelines/bandit.py                         # 2 workers, co-located
-    distflow run pipelines/bandit.py --nproc 3 placement=split groups.policy=2 groups.reward=1
+    distflow run pipelines/bandit.py placement=disaggregated # rollout 1 worker, policy 1
+    distflow run pipelines/bandit.py --nproc 3 placement=interleaved   # reward on its own
+    distflow run pipelines/bandit.py --nproc 3 placement=split groups.rollout=policy \\
+        groups.policy=2 groups.reward=1
     torchrun --nproc_per_node=2 -m distflow.run pipelines/bandit.py steps=30
 
-The policy lives in the worker process; rollout and update share it, so they must share a
-worker group (weights moving between groups is the job of weight sync).
+The policy (a table of logits) is trained by ``update`` on the ``policy`` group. When the
+``rollout`` group is the same workers, ``rollout`` samples from that very table; when it
+is other workers (``disaggregated``), it holds its own copy that the trainer refreshes
+after every update through weight sync (``max_staleness`` bounds how old it may be).
+Each action is drawn from a counter-based stream keyed by the sample id, so a seed gives
+the same run in every placement.
 """
 import time
 
@@ -17,22 +24,27 @@ import torch
 import torch.distributed as dist
 
 from distflow import Batch, Pipeline, Stage
+from distflow.engines.sampling import uniform
 
 N_CONTEXTS = N_ACTIONS = 10
-_policy: dict[str, object] = {}  # this process's policy and optimizer
+_trained: dict[str, "Policy"] = {}  # the policy this process trains, shared with a co-located rollout
 
 
 def target(x: torch.Tensor) -> torch.Tensor:
     return (3 * x + 1) % N_ACTIONS
 
 
-def policy(ctx):
-    """The policy logits [N_CONTEXTS, N_ACTIONS] and their optimizer (one per process)."""
-    if not _policy:
-        torch.manual_seed(ctx.seed)  # same initial weights on every rank
-        logits = torch.nn.Parameter(torch.zeros(N_CONTEXTS, N_ACTIONS))
-        _policy.update(logits=logits, opt=torch.optim.Adam([logits], lr=ctx.params["lr"]))
-    return _policy["logits"], _policy["opt"]
+class Policy(torch.nn.Module):
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)  # the same initial weights on every rank
+        self.logits = torch.nn.Parameter(torch.zeros(N_CONTEXTS, N_ACTIONS))
+
+
+def trained_policy(ctx) -> Policy:
+    if "policy" not in _trained:
+        _trained["policy"] = Policy(ctx.seed)
+    return _trained["policy"]
 
 
 def load(ctx):
@@ -46,13 +58,26 @@ def load(ctx):
     return {"prompts": Batch({"x": x}, ids + ctx.step * n * g, groups=(prompt_ids + ctx.step * n).repeat_interleave(g))}
 
 
-def rollout(ctx, prompts):
-    logits, _ = policy(ctx)
-    gen = torch.Generator().manual_seed(ctx.seed * 7919 + ctx.step * 104_729 + ctx.rank)
-    with torch.no_grad():
-        probs = torch.softmax(logits[prompts["x"]], dim=-1)
-        action = torch.multinomial(probs, 1, generator=gen).squeeze(1)
-    return {"samples": prompts.with_columns(action=action)}
+class Rollout:
+    holds = {"policy": "infer"}
+
+    def __init__(self, ctx):
+        self.sync = ctx.weight_sync  # None when co-located with the trainer
+        self.policy = Policy(ctx.seed) if self.sync else trained_policy(ctx)
+        self.version = 0
+
+    def __call__(self, ctx, prompts):
+        if self.sync is None:
+            self.version = ctx.step
+        while self.version < ctx.step - ctx.max_staleness:
+            self.version = self.sync.receive(self.policy)
+        with torch.no_grad():
+            probs = torch.softmax(self.policy.logits[prompts["x"]], dim=-1)
+        cdf = probs.double().cumsum(-1)
+        u = uniform(prompts.sample_ids + ctx.seed * 1_000_000_007)[:, None] * cdf[:, -1:]
+        action = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=N_ACTIONS - 1)
+        ctx.log(**{"rollout/staleness": ctx.step - self.version})
+        return {"samples": prompts.with_columns(action=action)}
 
 
 def reward(ctx, samples):
@@ -71,26 +96,58 @@ def advantage(ctx, scored):
     return {"advantaged": scored.with_columns(advantage=adv)}
 
 
-def update(ctx, advantaged):
-    t0 = time.perf_counter()
-    logits, opt = policy(ctx)
-    logp = torch.log_softmax(logits[advantaged["x"]], dim=-1)
-    chosen = logp.gather(1, advantaged["action"].unsqueeze(1)).squeeze(1)
-    loss = -(advantaged["advantage"] * chosen).mean()
-    opt.zero_grad()
-    loss.backward()
-    if ctx.dp_size > 1:  # data parallel: average gradients over the group
-        dist.all_reduce(logits.grad, group=ctx.process_group)
-        logits.grad /= ctx.dp_size
-    opt.step()
-    ctx.log(**{"reward/mean": advantaged["reward"].mean(), "actor/pg_loss": loss.item(),
-               "perf/throughput": len(advantaged) / (time.perf_counter() - t0)})
+class Update:
+    holds = {"policy": "train"}
+
+    def __init__(self, ctx):
+        self.policy = trained_policy(ctx)
+        self.opt = torch.optim.Adam(self.policy.parameters(), lr=ctx.params["lr"])
+
+    def __call__(self, ctx, advantaged):
+        t0 = time.perf_counter()
+        logp = torch.log_softmax(self.policy.logits[advantaged["x"]], dim=-1)
+        chosen = logp.gather(1, advantaged["action"].unsqueeze(1)).squeeze(1)
+        # mean over the whole step's samples, whichever rank holds them
+        n = torch.tensor([float(len(advantaged))])
+        if ctx.dp_size > 1:
+            dist.all_reduce(n, group=ctx.process_group)
+        loss = -(advantaged["advantage"] * chosen).sum() / n
+        self.opt.zero_grad()
+        loss.backward()
+        if ctx.dp_size > 1:  # data parallel: sum the gradient shares over the group
+            dist.all_reduce(self.policy.logits.grad, group=ctx.process_group)
+        self.opt.step()
+        version = ctx.step + 1  # updates applied so far
+        if ctx.weight_sync is not None and version <= ctx.steps - 1 - ctx.max_staleness:
+            ctx.weight_sync.send(self.policy, version)  # only versions a rollout will take
+        if len(advantaged):
+            ctx.log_mean(len(advantaged), **{
+                "reward/mean": advantaged["reward"].mean(),
+                "actor/pg_loss": -(advantaged["advantage"] * chosen.detach()).mean()})
+        ctx.log(**{"count/samples": len(advantaged),
+                   "perf/throughput": len(advantaged) / (time.perf_counter() - t0)})
+
+
+def _interleaved(n: int) -> dict:
+    """The reward on a worker of its own while the policy's workers generate and train."""
+    if n < 2:
+        raise ValueError(f"interleaved placement needs >= 2 workers (policy, reward), got {n}")
+    return {"rollout": "policy", "policy": n - 1, "reward": 1}
+
+
+def _disaggregated(n: int) -> dict:
+    """Generation on half the workers (their own policy copy), training and reward on the rest."""
+    if n < 2:
+        raise ValueError(f"disaggregated placement needs >= 2 workers, got {n}")
+    return {"rollout": n // 2, "policy": n - n // 2, "reward": "policy"}
 
 
 pipeline = Pipeline("bandit", [
-    Stage("load", load, outputs=["prompts"], group="policy"),
-    Stage("rollout", rollout, inputs=["prompts"], outputs=["samples"], group="policy"),
+    Stage("load", load, outputs=["prompts"], group="rollout"),
+    Stage("rollout", Rollout, inputs=["prompts"], outputs=["samples"], group="rollout"),
     Stage("reward", reward, inputs=["samples"], outputs=["scored"], group="reward"),
     Stage("advantage", advantage, inputs=["scored"], outputs=["advantaged"], group="policy"),
-    Stage("update", update, inputs=["advantaged"], group="policy"),
-], params={"prompts": 32, "group_size": 8, "lr": 0.1}, defaults={"steps": 40})
+    Stage("update", Update, inputs=["advantaged"], group="policy"),
+], params={"prompts": 32, "group_size": 8, "lr": 0.1}, defaults={"steps": 40},
+    layouts={"interleaved": _interleaved, "disaggregated": _disaggregated},
+    weight_sync=("policy", "rollout"))

@@ -15,8 +15,9 @@ def _mean(rows, key):
     return sum(r[key] for r in rows) / len(rows)
 
 
-@pytest.mark.parametrize("extra", [[], ["--nproc", "3", "placement=split", "groups.policy=2",
-                                        "groups.reward=1"]], ids=["colocated", "split"])
+@pytest.mark.parametrize("extra", [[], ["--nproc", "3", "placement=split", "groups.rollout=policy",
+                                        "groups.policy=2", "groups.reward=1"]],
+                         ids=["colocated", "split"])
 def test_bandit_learns_with_distflow_run(tmp_path, extra):
     r = subprocess.run([sys.executable, "-m", "distflow.cli", "run",
                         str(REPO / "pipelines" / "bandit.py"), "--out", str(tmp_path), *extra],

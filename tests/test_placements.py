@@ -84,3 +84,22 @@ def test_bad_placements_fail_before_launch(tmp_path, args, message):
         assert r.returncode == 0, r.stderr[-2000:]
     else:
         assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+
+
+def test_bandit_runs_the_same_in_all_three_placements(tmp_path):
+    """The smallest pipeline takes the same one key: same seed, same metrics, and it learns."""
+    runs = {}
+    for placement, nproc in (("colocated", 2), ("interleaved", 3), ("disaggregated", 4)):
+        r = subprocess.run([sys.executable, "-m", "distflow.cli", "run",
+                            str(REPO / "pipelines" / "bandit.py"), "--nproc", str(nproc),
+                            "--out", str(tmp_path / placement), "--steps", "12",
+                            f"placement={placement}"], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, (placement, r.stderr[-3000:])
+        runs[placement] = read_metrics(tmp_path / placement / "metrics.jsonl")
+    base = runs["colocated"]
+    assert base[-1]["reward/mean"] > base[0]["reward/mean"] + 0.2
+    for placement in ("interleaved", "disaggregated"):
+        assert len(runs[placement]) == 12
+        for a, b in zip(base, runs[placement]):
+            for k in ("reward/mean", "actor/pg_loss"):
+                assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), (placement, a["step"], k)
