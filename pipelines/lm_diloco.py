@@ -15,6 +15,11 @@ Streaming DiLoCo papers), identical on every island: with DiLoCo/Streaming, mid-
 use the outer (global) params, the last step's eval uses ``DiLoCo.consensus()`` (in-flight
 exchanges completed, every fragment brought up to date; its bytes are ``diloco/export_bytes``).
 
+Placement: ``colocated`` (default) and ``interleaved`` (one model, nothing to run beside
+it: the same layout) load and train on every worker; ``disaggregated`` puts the data
+loader on a worker of its own (``groups.data``) that streams each step's batch to the
+trainer workers (``groups.trainer``, which DiLoCo islands must divide).
+
 Learning rate (inner AdamW in every mode): ``lr_schedule=constant`` (default) or ``cosine``:
 linear warmup over ``warmup`` steps, then cosine decay to ``min_lr_ratio * lr`` at the last
 step (``decay_steps``, 0: the run's ``--steps``). The lr is a function of the step only, so
@@ -122,10 +127,23 @@ class LMTrain:
         self.engine.load(directory, ctx.island)
 
 
+def _interleaved(n: int) -> dict:
+    """One model and nothing that runs beside it: every worker trains (as co-located)."""
+    return {"data": "trainer", "trainer": n}
+
+
+def _disaggregated(n: int) -> dict:
+    """The data loader on a worker of its own, streaming batches to the trainers."""
+    if n < 2:
+        raise ValueError(f"disaggregated placement needs >= 2 workers (data, trainer), got {n}")
+    return {"data": 1, "trainer": n - 1}
+
+
 pipeline = Pipeline("lm_diloco", [
-    Stage("data", text_batches, outputs=["text"], group="trainer"),
+    Stage("data", text_batches, outputs=["text"], group="data"),
     Stage("train", LMTrain, inputs=["text"], group="trainer"),
 ], params={"seq_len": 64, "batch": 32, "hidden": 64, "layers": 4, "lr": 3e-3,
            "weight_decay": 0.1, "micro_batch_tokens": 8192, "eval_every": 50,
            "eval_batch": 64, "lr_schedule": "constant", "warmup": 0, "min_lr_ratio": 0.1,
-           "decay_steps": 0}, defaults={"steps": 300})
+           "decay_steps": 0}, defaults={"steps": 300},
+    layouts={"interleaved": _interleaved, "disaggregated": _disaggregated})

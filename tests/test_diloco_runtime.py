@@ -60,3 +60,22 @@ def test_bad_diloco_settings_fail_before_launch(tmp_path, args, message):
     r = _run(LM, tmp_path, *args)
     assert r.returncode == 2, r.stderr[-2000:]
     assert message in r.stderr and not (tmp_path / "run.json").exists()
+
+
+def test_lm_diloco_runs_the_same_in_all_three_placements(tmp_path):
+    """One key: co-located / interleaved train on every worker; disaggregated streams the
+    batches from a data worker to two trainer islands. Same seed, same losses."""
+    runs = {}
+    for placement in ("colocated", "interleaved", "disaggregated"):
+        args = ["--nproc", "3" if placement == "disaggregated" else "2", "--steps", "6",
+                f"placement={placement}", *STREAMING]
+        r = _run(LM, tmp_path / placement, *args)
+        assert r.returncode == 0, (placement, r.stderr[-3000:])
+        runs[placement] = read_metrics(tmp_path / placement / "metrics.jsonl")
+    base = runs["colocated"]
+    assert base[-1]["diloco/syncs"] >= 1
+    for placement in ("interleaved", "disaggregated"):
+        for a, b in zip(base, runs[placement]):
+            for k in ("train/loss", "eval/loss", "diloco/bytes_sent"):
+                if k in a:
+                    assert b[k] == pytest.approx(a[k], rel=1e-4), (placement, a["step"], k)
