@@ -19,6 +19,7 @@ from distflow.dag import Pipeline
 from distflow.memory import configure_allocator
 from distflow.placement import (Islands, Placement, plan_islands, plan_placement,
                                 weight_sync_ranks)
+from distflow.runtime.affinity import pin_local_rank
 from distflow.runtime.exchange import plan_routes
 from distflow.runtime.progress import ProgressPrinter
 from distflow.runtime.rendezvous import (DistEnv, bind_host, exchange_endpoints,
@@ -122,6 +123,7 @@ def _run(path, env, pipeline, cfg, placement, out) -> int:
     try:
         endpoints = exchange_endpoints(env.rank, env.world_size, peer.endpoints)
         peer.connect(endpoints)
+        pin_local_rank(env.local_rank)  # CPU runs: each local rank on its own cores
         if env.rank == 0:
             _write_run_json(out, path, pipeline, cfg, placement, endpoints)
         progress = ProgressPrinter(cfg.steps) if env.rank == 0 else None
