@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="dp,diloco,streaming", help="comma-separated subset (dp needed for ratios)")
     ap.add_argument("--eval-every", type=int, default=None, help="default: 4 x H")
     ap.add_argument("--eval-batch", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0, help="run seed (data order, init) for every mode")
     ap.add_argument("--quick", action="store_true", help="smoke test: 40 steps")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
                     help="directory for diloco_loss.json/.png")
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
     pipe_params = dict(load_pipeline(str(ROOT / PIPELINE)).params)
     common = [f"lr={args.lr}", f"lr_schedule={args.lr_schedule}", f"warmup={args.warmup}",
               f"min_lr_ratio={args.min_lr_ratio}", f"eval_every={args.eval_every}",
-              f"eval_batch={args.eval_batch}",
+              f"eval_batch={args.eval_batch}", f"seed={args.seed}",
               f"diloco.outer_lr={args.outer_lr}", f"diloco.outer_momentum={args.outer_momentum}"]
     pipe_params.update(lr=args.lr, lr_schedule=args.lr_schedule, warmup=args.warmup,
                        min_lr_ratio=args.min_lr_ratio, eval_every=args.eval_every,
