@@ -121,11 +121,6 @@ def _tcp_only() -> bool:
     return os.environ.get("DISTFLOW_BENCH_TCP") == "1"
 
 
-def _local_id() -> str:
-    from distflow.transport.peer import _local_id as local_id
-    return local_id()
-
-
 class PyzmqTransport:
     def __init__(self, rank: int, conn, port: int):
         import torch
@@ -136,7 +131,8 @@ class PyzmqTransport:
         self.sock.setsockopt(zmq.LINGER, 0)
         mine = None
         if rank == 1:  # the same kind of endpoint distflow's Peer picks for a local peer
-            if _tcp_only() or not _local_id():
+            from distflow.transport.peer import local_id
+            if _tcp_only() or not local_id():
                 mine = f"tcp://127.0.0.1:{self.sock.bind_to_random_port('tcp://127.0.0.1')}"
             else:
                 mine = f"ipc://@distflow-bench-{os.getpid()}"
@@ -485,8 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.tcp:
         os.environ["DISTFLOW_BENCH_TCP"] = "1"  # read by the spawned workers
-    from distflow.transport.peer import _local_id
-    endpoint_kind = "tcp" if args.tcp or not _local_id() else "ipc (abstract Unix socket)"
+    from distflow.transport.peer import local_id
+    endpoint_kind = "tcp" if args.tcp or not local_id() else "ipc (abstract Unix socket)"
     sizes = sorted(set(args.sizes or (QUICK_SIZES if args.quick else SIZES)))
     repeats = args.repeats or (1 if args.quick else 5)
     command = " ".join(["python", "benchmarks/transport.py", *(sys.argv[1:] if argv is None else argv)])

@@ -212,19 +212,26 @@ HAND = {  # (tau, alpha): (a: L0, L1, G, buf), (b: L0, L1, G, buf), b's in-fligh
 }
 
 
+def _ten_constant_gradient_steps(i, reducer, cfg):
+    """Island ``i`` of the hand-computed trajectory: SGD lr 1 on gradients 1 (island 0) or
+    3 (island 1), fragments [a], [b], ten inner steps."""
+    model = TwoParams()
+    opt, sync = torch.optim.SGD(model.parameters(), lr=1.0), DiLoCo(model, cfg, reducer, [["a"], ["b"]])
+    for _ in range(10):
+        for p in model.parameters():
+            p.grad = torch.full_like(p, (1.0, 3.0)[i])
+        opt.step()
+        sync.after_inner_step()
+    return model, sync
+
+
 @pytest.mark.parametrize("tau,alpha", list(HAND))
 def test_hand_computed_streaming_trajectory(tau, alpha):
     cfg = DiLoCoConfig(mode="streaming", inner_steps=4, num_fragments=2, overlap_steps=tau,
                        alpha=alpha, outer_lr=0.5, outer_momentum=0.5)
 
     def island(i, reducer):
-        model = TwoParams()
-        opt, sync = torch.optim.SGD(model.parameters(), lr=1.0), DiLoCo(model, cfg, reducer, [["a"], ["b"]])
-        for _ in range(10):
-            for p in model.parameters():
-                p.grad = torch.full_like(p, (1.0, 3.0)[i])
-            opt.step()
-            sync.after_inner_step()
+        model, sync = _ten_constant_gradient_steps(i, reducer, cfg)
         return model.a.item(), model.b.item(), sync.state_dict(), sync.stats()
 
     (a0, b0, sd, stats), (a1, b1, sd1, _) = run_islands(2, island)
@@ -255,13 +262,7 @@ def test_consensus_completes_every_fragment_without_changing_the_training_state(
                        alpha=alpha, outer_lr=0.5, outer_momentum=0.5)
 
     def island(i, reducer):
-        model = TwoParams()
-        opt, sync = torch.optim.SGD(model.parameters(), lr=1.0), DiLoCo(model, cfg, reducer, [["a"], ["b"]])
-        for _ in range(10):
-            for p in model.parameters():
-                p.grad = torch.full_like(p, (1.0, 3.0)[i])
-            opt.step()
-            sync.after_inner_step()
+        model, sync = _ten_constant_gradient_steps(i, reducer, cfg)
         before = (params(model), sync.state_dict(), sync.stats())
         final = sync.consensus()
         with sync.swapped_in(final):

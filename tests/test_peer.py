@@ -7,7 +7,7 @@ import torch
 
 from distflow.config import TransportConfig
 from distflow.transport.liveness import PeerFailure
-from distflow.transport.peer import Peer, TransportTimeout, pick_endpoint
+from distflow.transport.peer import Peer, TransportTimeout, local_id, pick_endpoint
 from distflow.transport.wire import Message
 
 pytestmark = pytest.mark.timeout(60)
@@ -128,7 +128,7 @@ def test_done_peer_is_not_presumed_dead():
         b.close(failed=True)
 
 
-@pytest.mark.skipif(not __import__("distflow.transport.peer", fromlist=["_local_id"])._local_id(),
+@pytest.mark.skipif(not local_id(),
                     reason="abstract Unix sockets need Linux")
 def test_local_peers_use_the_unix_socket_and_others_tcp():
     a, b = _mesh(2)

@@ -115,7 +115,7 @@ class Liveness:
             self._thread.join(timeout=5)
         self._pub.close(linger=0)
         self._wake_tx.close(linger=0)
-        if self._thread is None or not self._thread.is_alive():
+        if self._thread is None:  # otherwise the heartbeat thread closes it on its way out
             self._wake_rx.close(linger=0)
 
     # -- the heartbeat thread ---------------------------------------------------------

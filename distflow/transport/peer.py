@@ -52,7 +52,7 @@ def pick_endpoint(local_id: str, peer: dict[str, str]) -> str:
     return peer["data"]
 
 
-def _local_id() -> str:
+def local_id() -> str:
     """Who can reach our abstract Unix socket: same boot, same network namespace
     (empty where either is unknown, i.e. off Linux: TCP only)."""
     try:
@@ -76,7 +76,7 @@ class Peer:
         self._router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
         port = self._router.bind_to_random_port(f"tcp://{host}")
         self.endpoint = f"tcp://{host}:{port}"
-        self.local_id = _local_id() if cfg.ipc else ""
+        self.local_id = local_id() if cfg.ipc else ""
         self.ipc_endpoint = ""
         if self.local_id:
             self.ipc_endpoint = f"ipc://@distflow-{uuid.uuid4().hex}-r{rank}"
