@@ -34,6 +34,9 @@ class TransportConfig:
     keep_large_buffers: bool = True
     """glibc: serve large receive buffers from the heap and reuse them instead of a fresh,
     page-faulting mmap per message (2.5x at 64 MiB; see distflow/transport/heap.py)."""
+    peer_all_reduce_mb: float = 16.0
+    """Data-parallel sums (gradients) of CPU tensors up to this size in groups of up to 8
+    ranks go over the data plane instead of gloo (distflow/runtime/collective.py); 0: off."""
 
     def __post_init__(self):
         if not 0 < self.heartbeat_s < self.peer_timeout_s:
@@ -43,6 +46,8 @@ class TransportConfig:
             raise ConfigError(f"transport.window must be >= 1, got {self.window}")
         if self.recv_timeout_s <= 0 or self.max_message_mb <= 0:
             raise ConfigError("transport.recv_timeout_s and transport.max_message_mb must be > 0")
+        if self.peer_all_reduce_mb < 0:
+            raise ConfigError(f"transport.peer_all_reduce_mb must be >= 0, got {self.peer_all_reduce_mb}")
 
 
 @dataclass(kw_only=True)

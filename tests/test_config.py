@@ -116,7 +116,8 @@ def test_transport_and_fault_keys():
 def test_unknown_nested_key_lists_section_keys(key, section):
     with pytest.raises(ConfigError, match=rf"unknown key '{key}'; {section}\.\* keys: \[") as info:
         resolve(make(), {key: "1"})
-    known = ["heartbeat_s", "ipc", "keep_large_buffers", "max_message_mb", "peer_timeout_s", "recv_timeout_s", "window"] \
+    known = ["heartbeat_s", "ipc", "keep_large_buffers", "max_message_mb", "peer_all_reduce_mb",
+             "peer_timeout_s", "recv_timeout_s", "window"] \
         if section == "transport" else ["mode", "rank", "stage", "step"]
     assert str(known) in str(info.value)
 

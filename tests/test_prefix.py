@@ -15,7 +15,7 @@ from distflow.engines.generation import InferenceEngine
 from distflow.engines.sampling import SamplingParams
 from distflow.engines.training import OptimConfig, TrainEngine
 from distflow.models import DecoderLM, preset
-from distflow.models.prefix import forward_shared, shared_prefixes
+from distflow.models.prefix import even_groups, forward_shared, shared_prefixes
 from distflow.rl.actors import Critic
 from distflow.rl.stages import response_logits, response_outputs
 
@@ -123,6 +123,28 @@ def test_forward_shared_with_uneven_groups(packed):
     _shared_vs_plain(_model(8), _uneven_batch(8), packed)
 
 
+def test_even_groups_splits_a_prompt_drawn_twice():
+    assert even_groups(torch.tensor([2] * 4 + [0] * 8 + [2] * 4), 3) is None  # sizes 8 and 8
+    index = torch.tensor([0] * 4 + [1] * 8 + [2] * 4)
+    piece_index, pick, first_piece = even_groups(index, 3)
+    assert piece_index.tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
+    assert pick.tolist() == [0, 1, 1, 2] and first_piece.tolist() == [0, 1, 3]
+    assert even_groups(torch.tensor([1, 0, 1, 2, 3, 1, 3, 1, 2, 3, 1]), 4) is None  # all sizes differ
+
+
+@pytest.mark.parametrize("packed", [None, True])
+def test_forward_shared_with_a_prompt_drawn_twice(packed):
+    b = _grpo_batch(4, prompts=4, group=4, p=3, r=3)
+    b = Batch({k: torch.cat([b[k][:4], b[k][:4], b[k][4:]]) if k.startswith("prompt") else
+               torch.cat([b[k][4:8], b[k][:4], b[k][4:]]) for k in ("prompts", "prompt_mask",
+                                                                      "responses", "response_mask")},
+              torch.arange(20))  # rows 0-7: one prompt, 8 samples; then groups of 4
+    first, inverse = shared_prefixes(b["prompts"], b["prompt_mask"])
+    assert torch.bincount(inverse).tolist() == [8, 4, 4, 4]
+    assert even_groups(inverse, len(first)) is not None
+    _shared_vs_plain(_model(9), b, packed)
+
+
 def _logp_and_grads(model, batch, share):
     model.zero_grad()
     logp = logprobs_from_logits(response_logits(model, batch, share), batch["responses"])
@@ -194,9 +216,9 @@ def test_generate_padded_equals_generate():
 
 
 # -- the one-collective step ----------------------------------------------------------------
-def _train(world, rank, by_stat, n_local, group=None):
-    model = _model(7)
-    engine = TrainEngine(model, OptimConfig(lr=1e-2, micro_batch_tokens=12), group)
+def _train(world, rank, by_stat, n_local, group=None, reducer=None, model=None):
+    model = _model(7) if model is None else model
+    engine = TrainEngine(model, OptimConfig(lr=1e-2, micro_batch_tokens=12), group, reducer=reducer)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(3, VOCAB, (8, 5), generator=g)
     valid = torch.rand((8, 4), generator=g) > 0.3

@@ -54,8 +54,12 @@ class TrainEngine:
     ``sync``: an optional outer synchronization between replicas of this group (DiLoCo,
     see ``distflow.diloco``), told after every optimizer step."""
 
-    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, group=None, sync=None):
+    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, group=None, sync=None,
+                 reducer=None):
         self.model, self.cfg, self.group, self.sync = model, cfg, group, sync
+        self.reducer = reducer
+        """``PeerAllReduce`` over ``group``'s ranks (``StageContext.reducer``): small CPU sums
+        go over the data plane instead of ``torch.distributed``."""
         decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay},
@@ -65,7 +69,8 @@ class TrainEngine:
         fused = all(p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
                     and p.device.type in ("cpu", "cuda") for p in model.parameters())
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
-        self.world = dist.get_world_size(group) if dist.is_initialized() else 1
+        self.world = (len(reducer.ranks) if reducer is not None else
+                      dist.get_world_size(group) if dist.is_initialized() else 1)
 
     @property
     def device(self) -> torch.device:
@@ -84,9 +89,14 @@ class TrainEngine:
         """Each value summed over the data-parallel group, in one collective."""
         if self.world == 1:
             return [float(v) for v in values]
-        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        return self._sum(torch.tensor([float(v) for v in values], dtype=torch.float64)).tolist()
+
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the group (a new tensor, or ``t`` summed in place)."""
+        if self.reducer is not None and self.reducer.handles(t):
+            return self.reducer.sum(t)
         dist.all_reduce(t, group=self.group)
-        return t.tolist()
+        return t
 
     def step(self, n_samples: int, lengths: torch.Tensor,
              loss_fn: Callable[[torch.Tensor], tuple[torch.Tensor, dict]],
@@ -176,8 +186,7 @@ class TrainEngine:
             lo = (exact - hi.double()).to(parts[0].dtype)
             parts += [hi.to(parts[0].device), lo.to(parts[0].device)]
         if parts:
-            flat = torch.cat(parts)  # one collective per step
-            dist.all_reduce(flat, group=self.group)
+            flat = self._sum(torch.cat(parts))  # one collective per step
             offset = 0
             for g in grads:
                 g.copy_(flat[offset:offset + g.numel()].view_as(g))

@@ -106,6 +106,14 @@ def forward_shared(model, prefix_ids: torch.Tensor, prefix_positions: torch.Tens
     the ops, but dense attention over the packed row, so it is chosen (``packed=None``)
     only where that costs little: short packed rows, balanced groups.
     """
+    if packed is not False and (pieces := even_groups(index, prefix_ids.shape[0])) is not None:
+        # a prompt drawn twice in a step makes its group twice the others: pack it as two
+        piece_index, pick, first_piece = pieces
+        if packed or _packing_pays(prefix_ids.shape[1], ids.shape[1], piece_index, len(pick)):
+            prefix_out, out = forward_packed(
+                model, *(x.index_select(0, pick) for x in (prefix_ids, prefix_positions, prefix_mask)),
+                piece_index, ids, positions, key_mask)
+            return prefix_out.index_select(0, first_piece), out
     if packed is None:
         packed = _packing_pays(prefix_ids.shape[1], ids.shape[1], index, prefix_ids.shape[0])
     if packed:
@@ -115,6 +123,33 @@ def forward_shared(model, prefix_ids: torch.Tensor, prefix_positions: torch.Tens
     prefix_out = model(prefix_ids, prefix_positions, prefix_mask, rec)
     out = model(ids, positions, key_mask, rec.expand(index))
     return prefix_out, out
+
+
+def even_groups(index: torch.Tensor, u: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Split the groups of ``index`` [N] (row ``i`` continues prefix ``index[i] < u``) that
+    are larger than the most common group size into pieces of that size, so a GRPO batch
+    where a prompt was drawn twice still packs evenly instead of taking the two-pass path.
+
+    Returns ``(piece_index [N], pick [U'], first_piece [u])``: row ``i`` continues piece
+    ``piece_index[i]``, piece ``j`` is prefix ``pick[j]`` (each prefix has at least one
+    piece), prefix ``k``'s first piece is ``first_piece[k]``. ``None`` when no group is
+    oversized."""
+    n = len(index)
+    if n == 0:
+        return None
+    counts = torch.bincount(index, minlength=u)
+    sizes = counts[counts > 0]
+    freq = torch.bincount(sizes)
+    mode = int((freq == freq.max()).nonzero().max())  # most common size (ties: the largest)
+    if int(sizes.max()) <= mode:
+        return None
+    order = torch.argsort(index, stable=True)
+    rank = torch.empty(n, dtype=torch.int64, device=index.device)
+    rank[order] = torch.arange(n, device=index.device) - (counts.cumsum(0) - counts)[index[order]]
+    pieces = ((counts + mode - 1) // mode).clamp(min=1)
+    first_piece = pieces.cumsum(0) - pieces
+    pick = torch.repeat_interleave(torch.arange(u, device=index.device), pieces)
+    return first_piece[index] + rank // mode, pick, first_piece
 
 
 def _packing_pays(p: int, t: int, index: torch.Tensor, u: int) -> bool:

@@ -92,7 +92,8 @@ def actor(ctx) -> Actor:
     if "actor" not in _PROCESS:
         model = policy(ctx)
         sync = ctx.diloco(model) if ctx.diloco else None
-        _PROCESS["actor"] = Actor(model, TrainEngine(model, optim_config(ctx), ctx.process_group, sync))
+        _PROCESS["actor"] = Actor(model, TrainEngine(model, optim_config(ctx), ctx.process_group, sync,
+                                                        ctx.reducer))
     return _PROCESS["actor"]
 
 
@@ -140,7 +141,7 @@ def critic(ctx) -> tuple[Critic, TrainEngine]:
         model = Critic(_initial_model(ctx)).to(device_for(ctx))
         sync = ctx.diloco(model) if ctx.diloco else None
         _PROCESS["critic"] = (model, TrainEngine(model, optim_config(ctx, "critic_"),
-                                                 ctx.process_group, sync))
+                                                 ctx.process_group, sync, ctx.reducer))
     return _PROCESS["critic"]
 
 

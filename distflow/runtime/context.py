@@ -24,6 +24,9 @@ class StageContext:
     out_dir: Path
     process_group: Any = None
     """torch.distributed group of ``ranks`` (e.g. for gradient all-reduce)."""
+    reducer: Any = None
+    """``PeerAllReduce`` over the same ranks as ``process_group`` (``reducer.sum(t)``): small
+    CPU sums over the data plane, the rest through ``process_group``; None for one rank."""
     steps: int = 0
     """Total steps of the run."""
     island: int = 0

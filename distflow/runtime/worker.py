@@ -19,6 +19,7 @@ from distflow.dag import Pipeline, Stage
 from distflow.memory import MemoryPolicy
 from distflow.placement import Placement
 from distflow.runtime.batch import Batch
+from distflow.runtime.collective import PeerAllReduce
 from distflow.runtime.context import StageContext
 from distflow.runtime.exchange import HUB, Exchange, plan_routes
 from distflow.runtime.metrics import MetricsLog, reduce_metrics
@@ -43,6 +44,7 @@ class Worker:
         self.exchange = Exchange(peer, plan_routes(pipeline, placement, cfg.routing))
         self.current_stage = ""
         self.on_step = on_step
+        self._reducers: dict[tuple[int, ...], PeerAllReduce] = {}
         self._contexts = {name: self._context(pipeline.stage(name)) for name in pipeline.order
                           if self.rank in placement.ranks(pipeline.stage(name).group)}
         self._callables: dict[str, Callable] = {}
@@ -65,7 +67,20 @@ class Worker:
             ctx.island = self.islands.island_of(self.rank)
             ctx.process_group = self.process_groups[f"island/{ctx.island}"]
             ctx.diloco = self._diloco_factory()
+            ranks = self.islands.members[ctx.island]
+        ctx.reducer = self._reducer(ranks, ctx.process_group)
         return ctx
+
+    def _reducer(self, ranks, process_group) -> PeerAllReduce | None:
+        """One per set of ranks, shared by the stages (and engines) of that group: its
+        calls happen in the same order on every member."""
+        limit = int(self.cfg.transport.peer_all_reduce_mb * (1 << 20))
+        if len(ranks) < 2 or self.rank not in ranks:
+            return None
+        key = tuple(sorted(ranks))
+        if key not in self._reducers:
+            self._reducers[key] = PeerAllReduce(self.peer, key, limit, process_group)
+        return self._reducers[key]
 
     def _diloco_factory(self) -> Callable:
         from distflow.diloco import DiLoCo, ProcessGroupReducer
