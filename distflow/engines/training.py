@@ -69,6 +69,7 @@ class TrainEngine:
         fused = all(p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
                     and p.device.type in ("cpu", "cuda") for p in model.parameters())
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
+        self._params = list(model.parameters())  # walked several times a step
         self.world = (len(reducer.ranks) if reducer is not None else
                       dist.get_world_size(group) if dist.is_initialized() else 1)
 
@@ -125,12 +126,12 @@ class TrainEngine:
         if by_stat:
             keys = list(dict.fromkeys([normalizer, *sums]))
             stats.update(zip(keys, self._all_reduce_grads([stats.get(k, 0.0) for k in keys])))
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            grads = [p.grad for p in self._params if p.grad is not None]
             if grads:
                 torch._foreach_div_(grads, max(stats[normalizer], 1.0))
         else:
             self._all_reduce_grads()
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        params = [p for p in self._params if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or float("inf"))
         self.optimizer.step()
         if self.sync is not None:
@@ -174,10 +175,10 @@ class TrainEngine:
         float32 rounding of the float64 sum."""
         if self.world == 1:
             return [float(v) for v in values]
-        for p in self.model.parameters():  # a rank with no samples still joins the sum
+        for p in self._params:  # a rank with no samples still joins the sum
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grads = [p.grad for p in self._params if p.grad is not None]
         parts = [g.reshape(-1) for g in grads]
         packed = bool(values) and bool(parts) and parts[0].dtype in (torch.float32, torch.float64)
         if packed:

@@ -233,11 +233,11 @@ class RefLogprobs(_PhaseLocalModel):
         self.model = actors.reference(ctx)
         self.device = actors.device_for(ctx)
 
-    @torch.no_grad()
     def __call__(self, ctx, rollouts: Batch):
-        logp = logprobs_from_logits(response_logits(self.model, rollouts), rollouts["responses"].to(
-            next(self.model.parameters()).device))
-        return {"with_ref": rollouts.with_columns(ref_logprobs=logp.cpu())}
+        with torch.inference_mode():  # copied out: the actor update uses these
+            logp = logprobs_from_logits(response_logits(self.model, rollouts), rollouts["responses"].to(
+                next(self.model.parameters()).device))
+        return {"with_ref": rollouts.with_columns(ref_logprobs=logp.cpu().clone())}
 
 
 class Values:
@@ -248,9 +248,10 @@ class Values:
     def __init__(self, ctx):
         self.critic, _ = actors.critic(ctx)
 
-    @torch.no_grad()
     def __call__(self, ctx, rollouts: Batch):
-        return {"with_values": rollouts.with_columns(values=_values(self.critic, rollouts).cpu())}
+        with torch.inference_mode():
+            values = _values(self.critic, rollouts)
+        return {"with_values": rollouts.with_columns(values=values.cpu().clone())}
 
 
 def _values(critic, batch: Batch) -> torch.Tensor:
