@@ -174,17 +174,24 @@ class Reward:
             return RewardModel(ctx)
         return super().__new__(cls)
 
+    _CACHE_ROWS = 1 << 16
+
     def __init__(self, ctx):
         self.fn = get_reward(ctx.params["reward"])
         self.tok = actors.tokenizer(ctx)
+        self._decoded: dict[tuple, str] = {}  # token rows seen before (a group repeats its prompt)
 
     def _texts(self, tokens: torch.Tensor, mask: torch.Tensor) -> list[str]:
-        eos, texts, cache = self.tok.eos_id, [], {}
-        for row, keep in zip(tokens.tolist(), mask.tolist()):
-            ids = tuple(t for t, k in zip(row, keep) if k and t != eos)
-            if ids not in cache:  # a group's samples repeat their prompt
-                cache[ids] = self.tok.decode(list(ids))
-            texts.append(cache[ids])
+        """The text of each row's real tokens (EOS left out); decoded once per distinct row."""
+        if len(self._decoded) > self._CACHE_ROWS:
+            self._decoded.clear()
+        rows = torch.where(mask.bool() & (tokens != self.tok.eos_id), tokens, -1).tolist()
+        texts, cache = [], self._decoded
+        for row in map(tuple, rows):
+            text = cache.get(row)
+            if text is None:
+                text = cache[row] = self.tok.decode([t for t in row if t >= 0])
+            texts.append(text)
         return texts
 
     def __call__(self, ctx, rollouts: Batch):
