@@ -76,3 +76,17 @@ def test_placement_quick(tmp_path):
         assert r["samples_per_s"] > 0 and r["step_s"] > 0, (variant, r)
         assert r["reward_curve"], variant
     assert (tmp_path / "placement.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_allreduce_quick(tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/allreduce.py", "--sizes", "4K,64K", "--compute-ms", "0",
+                           "--calls", "20", "--block", "10", "--out-dir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "allreduce.json").read_text())["rows"]
+    assert [r["bytes"] for r in rows] == [4096, 65536]
+    for r in rows:
+        for system in ("distflow", "gloo"):
+            assert 0 < r[system]["p50_ms"] <= r[system]["p90_ms"], r
