@@ -5,28 +5,12 @@ import time
 import pytest
 import torch
 
-from distflow.config import TransportConfig
 from distflow.runtime.collective import MAX_RANKS, PeerAllReduce
 from distflow.transport.liveness import PeerFailure
-from distflow.transport.peer import Peer
+from test_peer import _close, _mesh
 from test_prefix import _close as close_to, _model, _train
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def _mesh(n, **cfg):
-    cfg = TransportConfig(**{"heartbeat_s": 0.05, "peer_timeout_s": 1.0, **cfg})
-    peers = [Peer(r, n, "127.0.0.1", cfg) for r in range(n)]
-    for p in peers:
-        p.connect({q.rank: q.endpoints for q in peers})
-    return peers
-
-
-def _shutdown(peers):
-    for p in peers:
-        p.liveness.update(state="done")
-    for p in peers:
-        p.close(failed=True)
 
 
 def _on_threads(fns):
@@ -71,7 +55,7 @@ def test_every_member_gets_the_same_bits_summed_in_rank_order():
             for r in range(3):
                 assert torch.equal(results[r][i], expected), (i, r)
     finally:
-        _shutdown(peers)
+        _close(peers)
 
 
 def test_only_small_cpu_tensors_in_small_groups_go_over_the_data_plane():
@@ -83,7 +67,7 @@ def test_only_small_cpu_tensors_in_small_groups_go_over_the_data_plane():
         with pytest.raises(ValueError, match="rank 0 is not in the group"):
             PeerAllReduce(peers[0], (1, 2), 4096)
     finally:
-        _shutdown(peers)
+        _close(peers)
 
 
 def test_a_member_sending_the_wrong_shape_is_named():
@@ -94,7 +78,7 @@ def test_a_member_sending_the_wrong_shape_is_named():
         assert all(isinstance(e, ValueError) for e in res)
         assert "rank 1 sent ((5,), torch.float32), expected ((4,), torch.float32)" in str(res[0])
     finally:
-        _shutdown(peers)
+        _close(peers)
 
 
 def test_a_dead_member_is_an_error_naming_it_not_a_hang():
@@ -110,7 +94,7 @@ def test_a_dead_member_is_an_error_naming_it_not_a_hang():
         for e in res:
             assert isinstance(e, PeerFailure) and "peer rank 1" in str(e) and "update_actor" in str(e)
     finally:
-        _shutdown([a, c])
+        _close([a, c])
 
 
 @pytest.mark.parametrize("n_local", [3, 0])  # uneven shards; a rank with no samples
@@ -122,7 +106,7 @@ def test_a_data_parallel_step_over_the_data_plane_equals_one_process(n_local):
         res = _on_threads([lambda r=r: _train(2, r, True, n_local, reducer=reducers[r], model=models[r])
                            for r in range(2)])
     finally:
-        _shutdown(peers)
+        _close(peers)
     ref_grads, ref, ref_stats = _train(1, 0, by_stat=False, n_local=8)
     for grads, params, stats in res:
         assert stats["tokens"] == ref_stats["tokens"]
