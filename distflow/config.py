@@ -35,8 +35,9 @@ class TransportConfig:
     """glibc: serve large receive buffers from the heap and reuse them instead of a fresh,
     page-faulting mmap per message (2.5x at 64 MiB; see distflow/transport/heap.py)."""
     peer_all_reduce_mb: float = 16.0
-    """Data-parallel sums (gradients) of CPU tensors up to this size in groups of up to 8
-    ranks go over the data plane instead of gloo (distflow/runtime/collective.py); 0: off."""
+    """Data-parallel sums (gradients) of CPU tensors up to this size go over the data plane
+    instead of gloo, in groups of 2 ranks, and of more (up to 8) while that sends at most
+    1 MiB more than a ring would (distflow/runtime/collective.py); 0: off."""
 
     def __post_init__(self):
         if not 0 < self.heartbeat_s < self.peer_timeout_s:

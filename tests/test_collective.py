@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from distflow.runtime.collective import MAX_RANKS, PeerAllReduce
+from distflow.runtime.collective import EXTRA_BYTES, MAX_RANKS, PeerAllReduce
 from distflow.transport.liveness import PeerFailure
 from test_peer import _close, _mesh
 from test_prefix import _close as close_to, _model, _train
@@ -64,6 +64,10 @@ def test_only_small_cpu_tensors_in_small_groups_go_over_the_data_plane():
         red = PeerAllReduce(peers[0], (0, 1), max_bytes=4096)
         assert red.handles(torch.zeros(1024)) and not red.handles(torch.zeros(1025))
         assert not PeerAllReduce(peers[0], tuple(range(MAX_RANKS + 1)), 1 << 30).handles(torch.zeros(4))
+        big = torch.zeros(4 << 20, dtype=torch.uint8)  # two ranks: any size up to the limit
+        assert PeerAllReduce(peers[0], (0, 1), 16 << 20).handles(big)
+        four = PeerAllReduce(peers[0], (0, 1, 2, 3), 16 << 20)  # 1.5 copies more than a ring
+        assert four.handles(big[:EXTRA_BYTES * 4 // 6]) and not four.handles(big[:EXTRA_BYTES * 4 // 6 + 1])
         with pytest.raises(ValueError, match="rank 0 is not in the group"):
             PeerAllReduce(peers[0], (1, 2), 4096)
     finally:

@@ -11,9 +11,12 @@ liveness-checked wait as every other distflow receive (a dead member raises
 
 Every member adds the members' tensors in ascending rank order, so all of them hold the
 same bits afterwards (replicas stay identical). Each member sends ``n - 1`` copies of
-the tensor (ring all-reduce sends about 2), so it is used only where that is cheap:
-CPU tensors of at most ``transport.peer_all_reduce_mb`` in groups of at most
-``MAX_RANKS``; everything else goes through ``torch.distributed``.
+the tensor where a ring all-reduce sends ``2 (n - 1) / n``: the same bytes for two ranks,
+``(n - 1)(n - 2) / n`` copies more beyond. So it is used for CPU tensors of at most
+``transport.peer_all_reduce_mb`` whose extra bytes stay under ``EXTRA_BYTES``, in groups
+of at most ``MAX_RANKS``; everything else goes through ``torch.distributed``. Measured
+(benchmarks/RESULTS.md): 2 ranks win at every size to 16 MiB; 4 ranks win at 300 KiB
+(2.5x) and lose at 4 MiB (0.8x), where the extra bytes are 6 MiB.
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ import torch.distributed as dist
 from distflow.transport.wire import Message
 
 MAX_RANKS = 8
+EXTRA_BYTES = 1 << 20
+"""Most bytes a member may send beyond what a ring all-reduce would."""
 
 
 class PeerAllReduce:
@@ -40,8 +45,9 @@ class PeerAllReduce:
 
     def handles(self, t: torch.Tensor) -> bool:
         """Whether ``sum`` goes over the data plane for ``t`` (else ``torch.distributed``)."""
-        return (t.device.type == "cpu" and len(self.ranks) <= MAX_RANKS
-                and t.numel() * t.element_size() <= self.max_bytes)
+        n, size = len(self.ranks), t.numel() * t.element_size()
+        return (t.device.type == "cpu" and n <= MAX_RANKS and size <= self.max_bytes
+                and (n - 1) * (n - 2) * size <= EXTRA_BYTES * n)
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         """The sum of every member's ``t`` (same shape and dtype on all), a new tensor;
