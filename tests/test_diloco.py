@@ -225,10 +225,15 @@ def _ten_constant_gradient_steps(i, reducer, cfg):
     return model, sync
 
 
+def _hand_config(tau, alpha):
+    """The streaming setting of the hand-computed tables."""
+    return DiLoCoConfig(mode="streaming", inner_steps=4, num_fragments=2, overlap_steps=tau,
+                        alpha=alpha, outer_lr=0.5, outer_momentum=0.5)
+
+
 @pytest.mark.parametrize("tau,alpha", list(HAND))
 def test_hand_computed_streaming_trajectory(tau, alpha):
-    cfg = DiLoCoConfig(mode="streaming", inner_steps=4, num_fragments=2, overlap_steps=tau,
-                       alpha=alpha, outer_lr=0.5, outer_momentum=0.5)
+    cfg = _hand_config(tau, alpha)
 
     def island(i, reducer):
         model, sync = _ten_constant_gradient_steps(i, reducer, cfg)
@@ -258,8 +263,7 @@ CONSENSUS = {(0, 0.0): (-17.5, -16.75), (1, 0.5): (-17.125, -16.078125)}
 
 @pytest.mark.parametrize("tau,alpha", list(CONSENSUS))
 def test_consensus_completes_every_fragment_without_changing_the_training_state(tau, alpha):
-    cfg = DiLoCoConfig(mode="streaming", inner_steps=4, num_fragments=2, overlap_steps=tau,
-                       alpha=alpha, outer_lr=0.5, outer_momentum=0.5)
+    cfg = _hand_config(tau, alpha)
 
     def island(i, reducer):
         model, sync = _ten_constant_gradient_steps(i, reducer, cfg)

@@ -69,15 +69,14 @@ def uniform(keys: torch.Tensor) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
-           keys: torch.Tensor | None = None,
            uniforms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens [B] and their log-probs [B] under the temperature-scaled policy.
 
-    With ``keys`` (int64 [B], one per row and decoding step) each row draws from its own
-    counter-based stream: the same sample gets the same tokens on any placement.
+    With ``uniforms`` (float64 [B] in [0, 1), e.g. ``uniform(keys)`` of one counter-based
+    key per row and decoding step) each row draws by inverse CDF from its own stream: the
+    same sample gets the same tokens on any placement; without, ``torch.multinomial``.
     The log-prob is taken before top-k/top-p truncation: it is the policy's own
     probability, the one an RL loss compares against (as verl and TRL do).
-    ``uniforms`` (float64 [B]): ``uniform(keys)`` already computed (the same draws).
     """
     logits = logits.float()
     if params.greedy:
@@ -85,11 +84,11 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
     scaled = logits / params.temperature
     probs = torch.softmax(filter_logits(scaled, params.top_k, params.top_p), -1)
-    if keys is None and uniforms is None:
+    if uniforms is None:
         tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     else:  # inverse-CDF sampling with one uniform per row
         cdf = probs.double().cumsum(-1)
-        u = (uniform(keys.to(cdf.device)) if uniforms is None else uniforms.to(cdf.device))[:, None] * cdf[:, -1:]
+        u = uniforms.to(cdf.device)[:, None] * cdf[:, -1:]
         tokens = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
         # never pick a token the filters removed (possible only at a float boundary)
         tokens = torch.where(probs.gather(-1, tokens[:, None]).squeeze(-1) > 0, tokens, probs.argmax(-1))

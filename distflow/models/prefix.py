@@ -143,13 +143,20 @@ def even_groups(index: torch.Tensor, u: int) -> tuple[torch.Tensor, torch.Tensor
     mode = int((freq == freq.max()).nonzero().max())  # most common size (ties: the largest)
     if int(sizes.max()) <= mode:
         return None
-    order = torch.argsort(index, stable=True)
-    rank = torch.empty(n, dtype=torch.int64, device=index.device)
-    rank[order] = torch.arange(n, device=index.device) - (counts.cumsum(0) - counts)[index[order]]
+    rank = _rank_in_group(index, counts)
     pieces = ((counts + mode - 1) // mode).clamp(min=1)
     first_piece = pieces.cumsum(0) - pieces
     pick = torch.repeat_interleave(torch.arange(u, device=index.device), pieces)
     return first_piece[index] + rank // mode, pick, first_piece
+
+
+def _rank_in_group(index: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Row ``i``'s position among the rows of its group ``index[i]`` (in row order);
+    ``counts = bincount(index)``."""
+    order = torch.argsort(index, stable=True)
+    rank = torch.empty(len(index), dtype=torch.int64, device=index.device)
+    rank[order] = torch.arange(len(index), device=index.device) - (counts.cumsum(0) - counts)[index[order]]
+    return rank
 
 
 def _packing_pays(p: int, t: int, index: torch.Tensor, u: int) -> bool:
@@ -170,13 +177,11 @@ def forward_packed(model, prefix_ids: torch.Tensor, prefix_positions: torch.Tens
     sees the valid prefix keys and the valid earlier keys of its own slot, as in the plain
     forward over ``[prefix ; continuation]``. Slots no row fills are masked padding."""
     u, p = prefix_ids.shape
-    n, t = ids.shape
+    t = ids.shape[1]
     dev = ids.device
     counts = torch.bincount(index, minlength=u)
     g = int(counts.max())
-    order = torch.argsort(index, stable=True)
-    slot = torch.empty(n, dtype=torch.int64, device=dev)
-    slot[order] = torch.arange(n, device=dev) - (counts.cumsum(0) - counts)[index[order]]
+    slot = _rank_in_group(index, counts)
 
     def pack(x: torch.Tensor, fill) -> torch.Tensor:
         out = torch.full((u, g, t), fill, dtype=x.dtype, device=dev)
