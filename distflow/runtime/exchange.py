@@ -88,6 +88,10 @@ def _split(batch: Batch, n: int) -> list[Batch]:
     return split_by_plan(batch, reshard_plan([costs], n, [unit_keys(batch)])[0], n)
 
 
+def _nbytes(batch: Batch) -> int:
+    return sum(t.numel() * t.element_size() for t in batch.tensors().values())
+
+
 def _to_message(src: int, kind: str, key: tuple, batch: Batch) -> Message:
     return Message(src, kind, key, batch.meta, batch.tensors())
 
@@ -102,9 +106,21 @@ class Exchange:
     def __init__(self, peer: Peer, routes: dict[Edge, Route]):
         self.peer, self.routes, self.rank = peer, routes, peer.rank
         self._local: dict[tuple, Batch] = {}
+        self.bytes_sent: dict[str, int] = {}
+        """Tensor bytes this rank put on the wire since ``take_counts``, per label."""
 
     def _send(self, dst: int, kind: str, key: tuple, batch: Batch, step: int) -> None:
+        if dst != self.rank:
+            label = key[1]
+            self.bytes_sent[label] = self.bytes_sent.get(label, 0) + _nbytes(batch)
         self.peer.send(dst, _to_message(self.rank, kind, key, batch), step=step)
+
+    def take_counts(self) -> dict[str, float]:
+        """``count/bytes_sent/<label>`` (and their total) since the last call, then zero."""
+        counts = {f"count/bytes_sent/{k}": float(v) for k, v in self.bytes_sent.items()}
+        counts["count/bytes_sent"] = float(sum(self.bytes_sent.values()))
+        self.bytes_sent = {}
+        return counts
 
     # -- producer side ------------------------------------------------------------------
     def publish(self, edge: Edge, step: int, batch: Batch) -> None:

@@ -153,6 +153,7 @@ class Worker:
                 for e in self.pipeline.out_edges(name):
                     self.exchange.forward(e, step)
         metrics["timing_s/step"] = time.perf_counter() - t_step
+        metrics.update(self.exchange.take_counts())
         self.current_stage = "metrics"
         self.peer.liveness.update(progress=step)
         self.peer.send(HUB, Message(self.rank, "metrics", (step,), metrics), step=step)
