@@ -42,7 +42,7 @@ def run_one(tree: Path, pipeline: str, placement: str, steps: int) -> dict[str, 
     with tempfile.TemporaryDirectory() as out:
         r = subprocess.run([sys.executable, "-m", "distflow.cli", "run", str(tree / "pipelines" / f"{pipeline}.py"),
                             "--nproc", "4", "--steps", str(steps), "--out", out, f"placement={placement}"],
-                           capture_output=True, text=True, env=env, timeout=600)
+                           capture_output=True, text=True, env=env, cwd=tree, timeout=600)
         if r.returncode:
             raise RuntimeError(f"{pipeline} {placement}: {r.stderr[-2000:]}")
         rows = [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines()]
