@@ -25,7 +25,7 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
 
     overrides = [*overrides, *(f"steps={args.steps}" for _ in [0] if args.steps)]
     try:
-        pipeline, _, _ = prepare(args.pipeline, overrides, args.nproc)
+        pipeline = prepare(args.pipeline, overrides, args.nproc).pipeline
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"distflow run: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

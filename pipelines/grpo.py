@@ -29,7 +29,7 @@ pipeline = Pipeline("grpo", [
     Stage("gen", Rollout, inputs=["prompts"], outputs=["rollouts"], group="rollout"),
     Stage("reward", Reward, inputs=["rollouts"], outputs=["scored"], group="reward"),
     Stage("ref", RefLogprobs, inputs=["rollouts"], outputs=["with_ref"], group="ref"),
-    Stage("adv", Advantages, inputs=["scored", "with_ref"], outputs=["train_batch"], group="actor"),
+    Stage("adv", Advantages, inputs=["rollouts", "scored", "with_ref"], outputs=["train_batch"], group="actor"),
     Stage("update_actor", ActorUpdate, inputs=["train_batch"], group="actor"),
 ], params={
     "model": "tiny", "task": "reverse", "reward": "reverse", "reward_model": "",

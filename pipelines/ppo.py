@@ -25,7 +25,7 @@ pipeline = Pipeline("ppo", [
     Stage("reward", Reward, inputs=["rollouts"], outputs=["scored"], group="reward"),
     Stage("ref", RefLogprobs, inputs=["rollouts"], outputs=["with_ref"], group="ref"),
     Stage("values", Values, inputs=["rollouts"], outputs=["with_values"], group="critic"),
-    Stage("adv", Advantages, inputs=["scored", "with_ref", "with_values"],
+    Stage("adv", Advantages, inputs=["rollouts", "scored", "with_ref", "with_values"],
           outputs=["train_batch"], group="critic"),
     Stage("update_critic", CriticUpdate, inputs=["train_batch"], group="critic"),
     Stage("update_actor", ActorUpdate, inputs=["train_batch"], group="actor"),

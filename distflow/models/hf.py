@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from distflow.models.config import ModelConfig
 from distflow.models.decoder import DecoderLM
@@ -36,8 +37,6 @@ def from_hf_key(key: str) -> str | None:
 
 def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     """All tensors of ``model.safetensors``, or of the shards listed in its index (HF key -> tensor)."""
-    from safetensors.torch import load_file
-
     single, index = directory / WEIGHTS_NAME, directory / WEIGHTS_INDEX_NAME
     if single.is_file():
         return load_file(str(single), device="cpu")
@@ -132,8 +131,6 @@ def save_pretrained(model: DecoderLM, directory: str | Path) -> Path:
     Each file is written to a temp file and renamed, so readers never see a partial file.
     Returns the directory.
     """
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = hf_state_dict(model)
