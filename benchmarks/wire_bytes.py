@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import git_state  # noqa: E402
+from _common import git_state, main_of  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PLACEMENTS = ("colocated", "interleaved", "disaggregated")
@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> dict:
     return {"tree": str(args.tree), "git": git_state(), "steps": args.steps, "results": results}
 
 
-def report(res: dict) -> str:
+def report(res: dict, args: argparse.Namespace) -> None:
+    """A table of bytes per step on stdout (and the JSON in ``--out``)."""
     lines = [f"tree {res['tree']}, {res['steps']} steps, bytes per step (sum over ranks)"]
     for pipeline, by_placement in res["results"].items():
         for placement, counts in by_placement.items():
@@ -64,16 +65,12 @@ def report(res: dict) -> str:
             for k, v in counts.items():
                 if k != "count/bytes_sent":
                     lines.append(f"{'':21s}{k[len('count/bytes_sent/'):]:34s} {v / 1024:10.1f} KiB")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    res = run(args)
-    print(report(res))
+    print("\n".join(lines))
     if args.out:
         args.out.write_text(json.dumps(res, indent=2))
-    return 0
+
+
+main = main_of(parse, run, report)
 
 
 if __name__ == "__main__":
