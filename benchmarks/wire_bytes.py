@@ -3,8 +3,8 @@
     python benchmarks/wire_bytes.py                          # this tree
     python benchmarks/wire_bytes.py --tree /tmp/old-distflow # another checkout, for before/after
 
-Each variant is one ``distflow run PIPELINE --nproc 4 --steps S`` (default workload of the
-pipeline, ``prompts=32 group_size=8``). The worker sums the tensor bytes every rank sends
+Each variant is one ``distflow run PIPELINE --nproc 4 --steps S [--set key=value ...]``
+(default workload of the pipeline: ``prompts=32 group_size=8 max_new_tokens=3``). The worker sums the tensor bytes every rank sends
 to another rank on the data plane (``count/bytes_sent``, and per label: the edge or datum
 the message carries); the figure is the mean over the run's steps of the sum over ranks.
 Sends to itself, the per-step cost exchange of re-sharding (a few ints) and the weight
@@ -33,15 +33,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tree", type=Path, default=ROOT, help="checkout whose distflow runs")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--pipelines", nargs="+", default=["grpo", "ppo"])
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="extra config for every run, e.g. max_new_tokens=32")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     return ap.parse_args(argv)
 
 
-def run_one(tree: Path, pipeline: str, placement: str, steps: int) -> dict[str, float]:
+def run_one(tree: Path, pipeline: str, placement: str, steps: int, extra: list[str]) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as out:
         r = subprocess.run([sys.executable, "-m", "distflow.cli", "run", str(tree / "pipelines" / f"{pipeline}.py"),
-                            "--nproc", "4", "--steps", str(steps), "--out", out, f"placement={placement}"],
+                            "--nproc", "4", "--steps", str(steps), "--out", out, f"placement={placement}", *extra],
                            capture_output=True, text=True, env=env, cwd=tree, timeout=600)
         if r.returncode:
             raise RuntimeError(f"{pipeline} {placement}: {r.stderr[-2000:]}")
@@ -51,13 +53,15 @@ def run_one(tree: Path, pipeline: str, placement: str, steps: int) -> dict[str, 
 
 
 def run(args: argparse.Namespace) -> dict:
-    results = {p: {pl: run_one(args.tree, p, pl, args.steps) for pl in PLACEMENTS} for p in args.pipelines}
-    return {"tree": str(args.tree), "git": git_state(), "steps": args.steps, "results": results}
+    results = {p: {pl: run_one(args.tree, p, pl, args.steps, args.set) for pl in PLACEMENTS}
+               for p in args.pipelines}
+    return {"tree": str(args.tree), "git": git_state(), "steps": args.steps, "set": args.set,
+            "results": results}
 
 
 def report(res: dict, args: argparse.Namespace) -> None:
     """A table of bytes per step on stdout (and the JSON in ``--out``)."""
-    lines = [f"tree {res['tree']}, {res['steps']} steps, bytes per step (sum over ranks)"]
+    lines = [f"tree {res['tree']}, {res['steps']} steps, {' '.join(res['set'])}, bytes per step (sum over ranks)"]
     for pipeline, by_placement in res["results"].items():
         for placement, counts in by_placement.items():
             total = counts.get("count/bytes_sent", 0.0)
