@@ -38,5 +38,6 @@ pipeline = Pipeline("grpo", [
     "advantage": "grpo", "policy_loss": "ppo_clip", "clip_eps": 0.2, "ppo_epochs": 1,
     "kl_loss": True, "kl_coef": 0.001, "kl_estimator": "low_var_kl",
     "lr": 3e-3, "weight_decay": 0.0, "grad_clip": 1.0, "micro_batch_tokens": 4096,
+    "dtype": "auto",  # float32 | bfloat16 (fp32 master weights) | auto: the checkpoint's
 }, defaults={"steps": 100}, check=check_rl_params, model_params=rl_model_params,
     layouts=for_groups({"rollout", "actor", "ref", "reward"}), weight_sync=("actor", "rollout"))

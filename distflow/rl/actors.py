@@ -7,6 +7,7 @@ verl's hybrid engine). ``reference(ctx)`` is a frozen copy of the initial policy
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from distflow.engines.generation import InferenceEngine
 from distflow.engines.training import OptimConfig, TrainEngine
 from distflow.models import DecoderLM, ModelConfig, load_pretrained, load_tokenizer, preset
+from distflow.models.hf import resolve_dtype
 from distflow.models.tokenizer import CharTokenizer
 from distflow.rl.tasks import get_task
 
@@ -44,14 +46,26 @@ def preset_config(name: str, tok) -> ModelConfig:
                   pad_token_id=tok.pad_id, bos_token_id=tok.bos_id)
 
 
+def model_dtype(ctx) -> torch.dtype:
+    """The dtype of the policy's weights and activations (``dtype=``, see
+    ``distflow.models.hf.resolve_dtype``); rank 0 says once which one and why."""
+    if "dtype" not in _PROCESS:
+        name = ctx.params["model"]
+        dtype, why = resolve_dtype(ctx.params.get("dtype", "auto"), name if Path(name).is_dir() else None)
+        if ctx.rank == 0:
+            print(f"distflow: model {name!r} in {str(dtype).removeprefix('torch.')} ({why})", file=sys.stderr)
+        _PROCESS["dtype"] = dtype
+    return _PROCESS["dtype"]
+
+
 def _initial_model(ctx) -> DecoderLM:
     """The starting policy: a checkpoint directory or a preset with random weights."""
     name, tok = ctx.params["model"], tokenizer(ctx)
     if Path(name).is_dir():
-        model = load_pretrained(name)
+        model = load_pretrained(name, dtype=model_dtype(ctx))
     else:
         torch.manual_seed(ctx.seed)  # identical initial weights on every rank
-        model = DecoderLM(preset_config(name, tok))
+        model = DecoderLM(preset_config(name, tok)).to(model_dtype(ctx))
     if model.config.vocab_size < tok.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but model {name!r} only "
                          f"{model.config.vocab_size} embeddings")
@@ -69,6 +83,16 @@ def optim_config(ctx, prefix: str = "") -> OptimConfig:
     return OptimConfig(lr=p[f"{prefix}lr"], weight_decay=p.get("weight_decay", 0.0),
                        grad_clip=p.get("grad_clip", 1.0),
                        micro_batch_tokens=p.get("micro_batch_tokens", 4096))
+
+
+def save_model_files(ctx, engine: TrainEngine, directory: Path) -> None:
+    """Next to the weights ``engine.save`` wrote: the model's ``config.json`` and tokenizer
+    files, so ``distflow export`` needs nothing outside the checkpoint."""
+    from distflow.export import save_model_files as write
+
+    path = engine.checkpoint_path(directory, ctx.island)
+    if path is not None:
+        write(path, engine.model.config, next(engine.model.parameters()).dtype, tokenizer(ctx))
 
 
 def policy(ctx) -> DecoderLM:
@@ -138,7 +162,8 @@ class Critic(torch.nn.Module):
 
 def critic(ctx) -> tuple[Critic, TrainEngine]:
     if "critic" not in _PROCESS:
-        model = Critic(_initial_model(ctx)).to(device_for(ctx))
+        body = _initial_model(ctx)
+        model = Critic(body).to(device_for(ctx), next(body.parameters()).dtype)
         sync = ctx.diloco(model) if ctx.diloco else None
         _PROCESS["critic"] = (model, TrainEngine(model, optim_config(ctx, "critic_"),
                                                  ctx.process_group, sync, ctx.reducer))

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from distflow.algos import get_advantage, get_kl_estimator, get_policy_loss
 from distflow.models import ModelConfig, load_tokenizer
+from distflow.models.hf import resolve_dtype
 from distflow.models.tokenizer import CharTokenizer
 from distflow.rl.actors import preset_config
 from distflow.rl.tasks import get_reward, get_task
@@ -22,6 +23,7 @@ def check_rl_params(params: dict) -> None:
                          "and value_head.safetensors")
     task = get_task(params["task"])
     model = params["model"]
+    resolve_dtype(params.get("dtype", "auto"))
     if Path(model).is_dir():
         cfg = ModelConfig.from_pretrained(model)  # FileNotFoundError without config.json
         tok = load_tokenizer(model)
