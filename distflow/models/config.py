@@ -125,6 +125,9 @@ class ModelConfig:
             raise ValueError(f"only hidden_act='silu' is supported, got {hf['hidden_act']!r}")
         if hf.get("mlp_bias"):
             raise ValueError("mlp_bias=True is not supported")
+        if hf.get("quantization_config"):
+            method = hf["quantization_config"].get("quant_method", "?")
+            raise ValueError(f"quantized checkpoints are not supported (quantization_config: {method})")
         if hf.get("use_sliding_window"):
             raise ValueError("use_sliding_window=True is not supported (full attention only)")
         rope = hf.get("rope_parameters") or {}
