@@ -111,3 +111,9 @@ def test_llama31_config_is_accepted_and_round_trips():
 def test_unsupported_rope_is_refused(spec, match):
     with pytest.raises(ValueError, match=match):
         ModelConfig.from_hf({**preset("tiny", vocab_size=10).to_hf(), "rope_scaling": spec})
+
+
+def test_quantized_checkpoint_is_refused():
+    with pytest.raises(ValueError, match=r"quantized checkpoints are not supported \(quantization_config: awq\)"):
+        ModelConfig.from_hf({**preset("tiny", vocab_size=10).to_hf(),
+                             "quantization_config": {"quant_method": "awq", "bits": 4}})
