@@ -30,6 +30,7 @@ pipeline = Pipeline("ppo", [
     Stage("update_critic", CriticUpdate, inputs=["train_batch"], group="critic"),
     Stage("update_actor", ActorUpdate, inputs=["train_batch"], group="actor"),
 ], params={
+    "dtype": "auto",  # float32 | bfloat16 (fp32 master weights) | auto: the checkpoint's
     "model": "tiny", "task": "reverse", "reward": "reverse", "reward_model": "",
     "prompts": 32, "group_size": 8, "max_prompt_len": 3, "max_new_tokens": 3,
     "temperature": 1.0, "top_p": 1.0, "top_k": 0,
@@ -38,7 +39,6 @@ pipeline = Pipeline("ppo", [
     "kl_loss": False, "kl_coef": 0.01, "kl_estimator": "low_var_kl",
     "lr": 3e-3, "critic_lr": 3e-3, "weight_decay": 0.0, "grad_clip": 1.0,
     "micro_batch_tokens": 4096,
-    "dtype": "auto",  # float32 | bfloat16 (fp32 master weights) | auto: the checkpoint's
 }, defaults={"steps": 100}, check=check_rl_params, model_params=rl_model_params,
     layouts=for_groups({"rollout", "actor", "critic", "ref", "reward"}),
     weight_sync=("actor", "rollout"))

@@ -5,7 +5,6 @@ from pathlib import Path
 
 from distflow.algos import get_advantage, get_kl_estimator, get_policy_loss
 from distflow.models import ModelConfig, load_tokenizer
-from distflow.models.hf import resolve_dtype
 from distflow.models.tokenizer import CharTokenizer
 from distflow.rl.actors import preset_config
 from distflow.rl.tasks import get_reward, get_task
@@ -23,7 +22,6 @@ def check_rl_params(params: dict) -> None:
                          "and value_head.safetensors")
     task = get_task(params["task"])
     model = params["model"]
-    resolve_dtype(params.get("dtype", "auto"))
     if Path(model).is_dir():
         cfg = ModelConfig.from_pretrained(model)  # FileNotFoundError without config.json
         tok = load_tokenizer(model)
@@ -44,6 +42,8 @@ def check_rl_params(params: dict) -> None:
     for key in ("prompts", "group_size", "ppo_epochs"):
         if params[key] < 1:
             raise ValueError(f"{key} must be >= 1, got {params[key]}")
+    from distflow.models.hf import resolve_dtype
+    resolve_dtype(params.get("dtype", "auto"))  # float32 | bfloat16 | auto
 
 
 def rl_model_params(params: dict) -> dict[str, int]:
