@@ -9,6 +9,7 @@ into ranks or micro-batches (up to floating-point summation order).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -127,12 +128,18 @@ class TrainEngine:
                     and p.device.type in ("cpu", "cuda") for p in model.parameters())
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
         self._params = [own(p) for p in model.parameters()]  # walked several times a step
+        if self.master is not None:  # after every optimizer step, the model gets the new masters
+            self.optimizer.register_step_post_hook(lambda *_: self.master.copy_back())
         self.world = (len(reducer.ranks) if reducer is not None else
                       dist.get_world_size(group) if dist.is_initialized() else 1)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def _autocast(self):
+        """No autocast: the model's dtype (``dtype=``) is the compute dtype on every device."""
+        return contextlib.nullcontext()
 
     def global_sum(self, value: float) -> float:
         """``value`` summed over the data-parallel group."""
@@ -170,7 +177,8 @@ class TrainEngine:
         stats: dict[str, float] = {}
         by_stat = isinstance(normalizer, str)
         for index in (micro_batches(lengths, self.cfg.micro_batch_tokens) if n_samples else []):
-            loss, mb_stats = loss_fn(index)
+            with self._autocast():
+                loss, mb_stats = loss_fn(index)
             (loss if by_stat else loss / normalizer).backward()
             for k, v in mb_stats.items():
                 stats[k] = stats.get(k, 0.0) + float(v)
@@ -185,8 +193,6 @@ class TrainEngine:
         params = [p for p in self._params if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or float("inf"))
         self.optimizer.step()
-        if self.master is not None:
-            self.master.copy_back()
         if self.sync is not None:
             self.sync.after_inner_step()
         return {**stats, "grad_norm": float(norm)}
