@@ -52,14 +52,16 @@ def test_rl_policy_loads_in_the_resolved_dtype(tmp_path, capsys):
     from distflow.rl import actors
     save_pretrained(_model(torch.bfloat16), tmp_path)
     CharTokenizer("0123456789+=").save(tmp_path)
+    getattr(actors, "_PROCESS", {}).pop("tokenizer", None)  # another test's, cached per process
     for dtype, expected in (("auto", torch.bfloat16), ("float32", torch.float32)):
-        actors._PROCESS.clear()
         ctx = SimpleNamespace(params={"model": str(tmp_path), "dtype": dtype, "task": "reverse"},
-                              rank=0, seed=0)
-        model = actors.policy(ctx)
+                              rank=0, seed=0, shared=lambda key, build: build())
+        model = actors._initial_model(ctx)
         assert {p.dtype for p in model.parameters()} == {expected}
         assert f"model {str(tmp_path)!r} in {str(expected)[6:]}" in capsys.readouterr().err
-    actors._PROCESS.clear()
+        critic = actors.Critic(model)  # PPO's value head follows the body's dtype
+        assert critic.value_head.weight.dtype == expected
+        assert critic(torch.tensor([[3, 4]]), None, None).dtype == torch.float32
     assert load_tokenizer(tmp_path).vocab_size == 15
 
 

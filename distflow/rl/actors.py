@@ -16,7 +16,6 @@ import torch
 from distflow.engines.generation import InferenceEngine
 from distflow.engines.training import OptimConfig, TrainEngine
 from distflow.models import DecoderLM, ModelConfig, load_pretrained, load_tokenizer, preset
-from distflow.models.hf import resolve_dtype
 from distflow.models.tokenizer import CharTokenizer
 from distflow.rl.tasks import get_task
 
@@ -46,16 +45,20 @@ def preset_config(name: str, tok) -> ModelConfig:
                   pad_token_id=tok.pad_id, bos_token_id=tok.bos_id)
 
 
+_ANNOUNCED: set[tuple[str, str]] = set()  # (model, dtype) pairs rank 0 has printed
+
+
 def model_dtype(ctx) -> torch.dtype:
     """The dtype of the policy's weights and activations (``dtype=``, see
     ``distflow.models.hf.resolve_dtype``); rank 0 says once which one and why."""
-    if "dtype" not in _PROCESS:
-        name = ctx.params["model"]
-        dtype, why = resolve_dtype(ctx.params.get("dtype", "auto"), name if Path(name).is_dir() else None)
-        if ctx.rank == 0:
-            print(f"distflow: model {name!r} in {str(dtype).removeprefix('torch.')} ({why})", file=sys.stderr)
-        _PROCESS["dtype"] = dtype
-    return _PROCESS["dtype"]
+    from distflow.models.hf import resolve_dtype
+
+    name = ctx.params["model"]
+    dtype, why = resolve_dtype(ctx.params.get("dtype", "auto"), name if Path(name).is_dir() else None)
+    if ctx.rank == 0 and (name, why) not in _ANNOUNCED:
+        _ANNOUNCED.add((name, why))
+        print(f"distflow: model {name!r} in {str(dtype).removeprefix('torch.')} ({why})", file=sys.stderr)
+    return dtype
 
 
 def _initial_model(ctx) -> DecoderLM:
@@ -146,7 +149,7 @@ class Critic(torch.nn.Module):
     def __init__(self, body: DecoderLM):
         super().__init__()
         self.body = body
-        self.value_head = torch.nn.Linear(body.config.hidden_size, 1)
+        self.value_head = torch.nn.Linear(body.config.hidden_size, 1, dtype=next(body.parameters()).dtype)
         torch.nn.init.zeros_(self.value_head.weight)
         torch.nn.init.zeros_(self.value_head.bias)
 
@@ -162,8 +165,7 @@ class Critic(torch.nn.Module):
 
 def critic(ctx) -> tuple[Critic, TrainEngine]:
     if "critic" not in _PROCESS:
-        body = _initial_model(ctx)
-        model = Critic(body).to(device_for(ctx), next(body.parameters()).dtype)
+        model = Critic(_initial_model(ctx)).to(device_for(ctx))
         sync = ctx.diloco(model) if ctx.diloco else None
         _PROCESS["critic"] = (model, TrainEngine(model, optim_config(ctx, "critic_"),
                                                  ctx.process_group, sync, ctx.reducer))
