@@ -61,6 +61,27 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def root_cause(out: Path) -> str | None:
+    """The failure that started it: a rank's own error rather than a peer's echo of it."""
+    lines = [p.read_text().strip() for p in sorted((out / "errors").glob("rank*.txt"))]
+    own = [ln for ln in lines if "PeerFailure" not in ln]
+    return (own or lines or [None])[0]
+
+
+def _summarize(out: Path) -> None:
+    from distflow.plot import plot_run
+
+    rows = read_metrics(out / "metrics.jsonl")
+    png = plot_run(out)
+    print(f"distflow run: {len(rows)} steps -> {out}/metrics.jsonl, {png}")
+    if rows and "reward/mean" in rows[0]:
+        k = max(1, min(10, len(rows) // 2))
+        first = sum(r["reward/mean"] for r in rows[:k]) / k
+        last = sum(r["reward/mean"] for r in rows[-k:]) / k
+        print(f"reward/mean: first {k} steps {first:.3f} -> last {k} steps {last:.3f} "
+              f"({last - first:+.3f})")
+
+
 def _export(argv: list[str]) -> int:
     """``distflow export``: a run's (or one checkpoint's) policy as an HF checkpoint folder."""
     from distflow.export import export
@@ -83,27 +104,6 @@ def _export(argv: list[str]) -> int:
         return 2
     print(f"distflow export: wrote {out} (AutoModelForCausalLM.from_pretrained({str(out)!r}))")
     return 0
-
-
-def root_cause(out: Path) -> str | None:
-    """The failure that started it: a rank's own error rather than a peer's echo of it."""
-    lines = [p.read_text().strip() for p in sorted((out / "errors").glob("rank*.txt"))]
-    own = [ln for ln in lines if "PeerFailure" not in ln]
-    return (own or lines or [None])[0]
-
-
-def _summarize(out: Path) -> None:
-    from distflow.plot import plot_run
-
-    rows = read_metrics(out / "metrics.jsonl")
-    png = plot_run(out)
-    print(f"distflow run: {len(rows)} steps -> {out}/metrics.jsonl, {png}")
-    if rows and "reward/mean" in rows[0]:
-        k = max(1, min(10, len(rows) // 2))
-        first = sum(r["reward/mean"] for r in rows[:k]) / k
-        last = sum(r["reward/mean"] for r in rows[-k:]) / k
-        print(f"reward/mean: first {k} steps {first:.3f} -> last {k} steps {last:.3f} "
-              f"({last - first:+.3f})")
 
 
 def main(argv: list[str] | None = None) -> int:
