@@ -30,6 +30,7 @@ pipeline = Pipeline("ppo", [
     Stage("update_critic", CriticUpdate, inputs=["train_batch"], group="critic"),
     Stage("update_actor", ActorUpdate, inputs=["train_batch"], group="actor"),
 ], params={
+    "dtype": "auto",  # float32 | bfloat16 (fp32 master weights) | auto: the checkpoint's
     "model": "tiny", "task": "reverse", "reward": "reverse", "reward_model": "",
     "prompts": 32, "group_size": 8, "max_prompt_len": 3, "max_new_tokens": 3,
     "temperature": 1.0, "top_p": 1.0, "top_k": 0,

@@ -19,6 +19,9 @@ from distflow.models.decoder import DecoderLM
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+# ``dtype=`` values: bf16 is trained with fp32 master weights (``distflow.engines.training``);
+# fp16 is not offered (it needs loss scaling, which the training engine does not do).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Non-parameter buffers some older checkpoints carry; recomputed here, so skipped on load.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -98,6 +101,38 @@ def load_pretrained(directory: str | Path, dtype: torch.dtype = torch.float32,
     return model.eval()
 
 
+def checkpoint_dtype(directory: str | Path) -> str | None:
+    """The weights' dtype ``config.json`` records (``dtype`` in transformers 5.x,
+    ``torch_dtype`` in 4.x), or ``None``."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        return None
+    with open(path) as f:
+        hf = json.load(f)
+    value = hf.get("dtype") or hf.get("torch_dtype")
+    return str(value).removeprefix("torch.") if value else None
+
+
+def resolve_dtype(name: str, directory: str | Path | None = None) -> tuple[torch.dtype, str]:
+    """``dtype=float32|bfloat16|auto`` -> (the dtype of weights and activations, why).
+
+    ``auto`` (the default, as transformers 5.x ``from_pretrained``) keeps the dtype the
+    checkpoint in ``directory`` records when it is float32 or bfloat16; a model without a
+    checkpoint (random init), or one in another dtype (float16) or none, is float32.
+    """
+    if name in DTYPES:
+        return DTYPES[name], f"dtype={name}"
+    if name != "auto":
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {name!r}")
+    if directory is None:
+        return torch.float32, "dtype=auto: float32 for a randomly initialised model"
+    recorded = checkpoint_dtype(directory)
+    if recorded in DTYPES:
+        return DTYPES[recorded], f"dtype=auto: the checkpoint's dtype ({recorded})"
+    return torch.float32, (f"dtype=auto: float32, the checkpoint records {recorded or 'no dtype'} "
+                           f"(set dtype=bfloat16 or dtype=float32 to choose)")
+
+
 def _few(keys: list[str], n: int = 8) -> str:
     return str(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
@@ -136,7 +171,7 @@ def save_pretrained(model: DecoderLM, directory: str | Path) -> Path:
     tensors = hf_state_dict(model)
     dtype = next(iter(tensors.values())).dtype
     config = model.config.to_hf()
-    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")  # 4.x, 5.x spelling
     _atomic_write(directory / WEIGHTS_NAME,
                   lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 

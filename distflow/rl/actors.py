@@ -8,6 +8,7 @@ verl's hybrid engine). ``reference(ctx)`` is a frozen copy of the initial policy
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,14 +45,30 @@ def preset_config(name: str, tok) -> ModelConfig:
                   pad_token_id=tok.pad_id, bos_token_id=tok.bos_id)
 
 
+_ANNOUNCED: set[tuple[str, str]] = set()  # (model, dtype) pairs rank 0 has printed
+
+
+def model_dtype(ctx) -> torch.dtype:
+    """The dtype of the policy's weights and activations (``dtype=``, see
+    ``distflow.models.hf.resolve_dtype``); rank 0 says once which one and why."""
+    from distflow.models.hf import resolve_dtype
+
+    name = ctx.params["model"]
+    dtype, why = resolve_dtype(ctx.params.get("dtype", "auto"), name if Path(name).is_dir() else None)
+    if ctx.rank == 0 and (name, why) not in _ANNOUNCED:
+        _ANNOUNCED.add((name, why))
+        print(f"distflow: model {name!r} in {str(dtype).removeprefix('torch.')} ({why})", file=sys.stderr)
+    return dtype
+
+
 def _initial_model(ctx) -> DecoderLM:
     """The starting policy: a checkpoint directory or a preset with random weights."""
     name, tok = ctx.params["model"], tokenizer(ctx)
     if Path(name).is_dir():
-        model = load_pretrained(name)
+        model = load_pretrained(name, dtype=model_dtype(ctx))
     else:
         torch.manual_seed(ctx.seed)  # identical initial weights on every rank
-        model = DecoderLM(preset_config(name, tok))
+        model = DecoderLM(preset_config(name, tok)).to(model_dtype(ctx))
     if model.config.vocab_size < tok.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but model {name!r} only "
                          f"{model.config.vocab_size} embeddings")
@@ -69,6 +86,16 @@ def optim_config(ctx, prefix: str = "") -> OptimConfig:
     return OptimConfig(lr=p[f"{prefix}lr"], weight_decay=p.get("weight_decay", 0.0),
                        grad_clip=p.get("grad_clip", 1.0),
                        micro_batch_tokens=p.get("micro_batch_tokens", 4096))
+
+
+def save_model_files(ctx, engine: TrainEngine, directory: Path) -> None:
+    """Next to the weights ``engine.save`` wrote: the model's ``config.json`` and tokenizer
+    files, so ``distflow export`` needs nothing outside the checkpoint."""
+    from distflow.export import save_model_files as write
+
+    path = engine.checkpoint_path(directory, ctx.island)
+    if path is not None:
+        write(path, engine.model.config, next(engine.model.parameters()).dtype, tokenizer(ctx))
 
 
 def policy(ctx) -> DecoderLM:
@@ -111,7 +138,7 @@ class Critic(torch.nn.Module):
     def __init__(self, body: DecoderLM):
         super().__init__()
         self.body = body
-        self.value_head = torch.nn.Linear(body.config.hidden_size, 1)
+        self.value_head = torch.nn.Linear(body.config.hidden_size, 1, dtype=next(body.parameters()).dtype)
         torch.nn.init.zeros_(self.value_head.weight)
         torch.nn.init.zeros_(self.value_head.bias)
 

@@ -44,6 +44,8 @@ def check_rl_params(params: dict) -> None:
     for key in ("prompts", "group_size", "ppo_epochs"):
         if params[key] < 1:
             raise ValueError(f"{key} must be >= 1, got {params[key]}")
+    from distflow.models.hf import resolve_dtype
+    resolve_dtype(params.get("dtype", "auto"))  # float32 | bfloat16 | auto
 
 
 def rl_model_params(params: dict) -> dict[str, int]:
