@@ -278,3 +278,24 @@ def test_one_collective_step_over_ranks_equals_one_process(tmp_path, n_local):
         assert abs(stats["nll"] - ref_stats["nll"]) < 1e-5 * abs(ref_stats["nll"])
         assert abs(stats["grad_norm"] - ref_stats["grad_norm"]) < 1e-5
         _close(grads, ref_grads, params, ref)
+
+
+def test_ragged_packing_computes_real_tokens_only():
+    """Long ragged responses (1..24 tokens): the cost model packs them, the model sees
+    only the real tokens (rows padded to the longest packed row), and log-probs and
+    gradients equal the plain padded forward."""
+    model = _model(3, attention_bias=True)
+    batch = _grpo_batch(3, prompts=4, group=6, p=5, r=24)
+    seen = []
+    hook = model.embed_tokens.register_forward_hook(lambda m, a, o: seen.append(a[0].shape))
+    lp1, g1 = _logp_and_grads(model, batch, share=True)
+    hook.remove()
+    real = int(batch["prompt_mask"].sum() / 6 + batch["response_mask"].sum()) - len(batch)  # last token predicts nothing
+    assert len(seen) == 1 and seen[0][0] == 4  # one pass, one row per prompt
+    assert seen[0][0] * seen[0][1] < 1.4 * real < 24 * len(batch)
+    lp0, g0 = _logp_and_grads(model, batch, share=False)
+    m = batch["response_mask"]
+    assert torch.allclose(lp0[m], lp1[m], atol=1e-5)
+    for name in g0:
+        scale = g0[name].abs().max().clamp(min=1e-3)
+        assert torch.allclose(g0[name] / scale, g1[name] / scale, atol=1e-5), name
