@@ -14,7 +14,8 @@ End of generation (``--eos``):
   produce exactly ``batch * max_new_tokens`` tokens per call;
 - ``ragged`` (what RL generation looks like): an end token chosen so that rows end at
   very different steps. A pilot greedy run without any stop picks, among the tokens
-  generated, the one whose first occurrences fall on the most distinct steps; both sides
+  generated, the one with the largest product of rows it occurs in and distinct steps of
+  its first occurrences; both sides
   then stop each row at it (transformers ``eos_token_id``, finished rows padded). Rows
   that never produce it run to ``max_new_tokens``. ``--init-std`` (default 0.5 with
   ``ragged``) draws the weights wider than transformers' init (0.02), whose greedy text
@@ -158,15 +159,17 @@ def generated_lengths(tokens: torch.Tensor, eos: int | None) -> torch.Tensor:
 
 
 def ragged_eos(engine, prompts, max_new: int) -> int:
-    """The token whose first occurrences in a stop-free greedy run fall on the most
-    distinct steps (rows then end at very different steps)."""
+    """The token that, in a stop-free greedy run, ends the most rows at the most distinct
+    steps (the largest product of rows it occurs in and distinct first-occurrence steps):
+    rows then end at very different steps, most before ``max_new``."""
     free = run_ours(engine, prompts, max_new)
-    best, spread = -1, -1
+    best, score = -1, -1
     for tok in torch.unique(free).tolist():
         hit = free == tok
-        firsts = set(hit.int().argmax(1)[hit.any(1)].tolist())
-        if len(firsts) > spread:
-            best, spread = tok, len(firsts)
+        rows = hit.any(1)
+        firsts = set(hit.int().argmax(1)[rows].tolist())
+        if len(firsts) * int(rows.sum()) > score:
+            best, score = tok, len(firsts) * int(rows.sum())
     return best
 
 

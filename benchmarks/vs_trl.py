@@ -24,7 +24,9 @@ function (``ReverseTask.reward``). Same settings on both sides:
   the k3 estimator (distflow ``low_var_kl``), ``beta = kl_coef``;
 - AdamW lr ``--lr`` constant (TRL ``lr_scheduler_type="constant"``, no warm-up), betas
   (0.9, 0.95) (distflow's; TRL ``adam_beta2=0.95``), no weight decay, grad-norm clip 1.0;
-- float32, CPU: TRL with ``use_cpu=True``, ``bf16=False``, ``use_vllm=False``, no eval, no
+- float32, CPU (``--device cuda``: TRL with ``use_cpu=False``, ``bf16=True``; distflow
+  with bf16 autocast in training, float32 weights):
+  TRL with ``use_cpu=True``, ``bf16=False``, ``use_vllm=False``, no eval, no
   checkpoint, ``report_to="none"``, default logging (every 10 steps), and
   ``gradient_checkpointing=False`` (TRL's config turns it on by default; distflow does not
   checkpoint activations, and it would only slow TRL down).
@@ -262,7 +264,8 @@ def trl_worker(spec_path: str) -> int:
         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, adam_beta1=0.9, adam_beta2=0.95,
         weight_decay=0.0, max_grad_norm=1.0,
         beta=args.kl_coef, epsilon=0.2, loss_type="dapo", scale_rewards="group",
-        use_vllm=False, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+        use_vllm=False, use_cpu=args.device == "cpu", bf16=args.device == "cuda", fp16=False,
+        gradient_checkpointing=False,
         model_init_kwargs={"dtype": torch.float32},
         shuffle_dataset=False, eval_strategy="no", save_strategy="no", report_to="none",
         log_completions=False, dataloader_num_workers=0,
@@ -419,6 +422,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="model shape (default tiny; mid: 22.6M parameters; qwen2-0.5b: its shape, char vocab)")
     ap.add_argument("--task", default="reverse", choices=TASKS,
                     help="reverse (2 digits) or reverse_ragged (1-64 digits: ragged answers)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: TRL on the GPU with bf16 mixed precision (distflow uses the GPU "
+                         "whenever CUDA is available, bf16 autocast in training)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=3,
                     help="runs of each system, interleaved, seeds seed, seed+1, ... (default 3)")
@@ -469,7 +475,7 @@ def run(args: argparse.Namespace) -> dict:
 
     trl_threads = args.trl_thread_list
     t_start = time.perf_counter()
-    keys = ("steps", "prompts", "group_size", "max_new_tokens", "lr", "kl_coef", "seed", "task")
+    keys = ("steps", "prompts", "group_size", "max_new_tokens", "lr", "kl_coef", "seed", "task", "device")
     work = Path(args.keep_runs) if args.keep_runs else Path(tempfile.mkdtemp(prefix="distflow-vs-trl-"))
     work.mkdir(parents=True, exist_ok=True)
     systems = ["distflow"] + [f"trl_{t}t" if t else "trl" for t in trl_threads]
