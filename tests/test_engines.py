@@ -254,3 +254,24 @@ def test_greedy_with_ragged_eos_matches_transformers_generate(tmp_path):
                           eos_token_id=eos, pad_token_id=PAD, num_beams=1)[:, ids.shape[1]:]
     for i, n in enumerate(gen.lengths.tolist()):
         assert gen.responses[i, :n].tolist() == ref[i, :n].tolist(), i
+
+
+@pytest.mark.parametrize("max_batch", [1, 5])
+def test_continuous_batching_gives_each_row_what_one_batch_gives(max_batch):
+    model = _model(0)
+    model.reset_parameters(std=0.5)
+    prompts = _prompts(1, n=14)
+    eos = _ragged_eos(model, prompts, 12)
+    greedy = SamplingParams(temperature=0, max_new_tokens=12)
+    whole = InferenceEngine(model, eos, PAD).generate(prompts, greedy)
+    assert len(set(whole.lengths.tolist())) >= 4
+    eng = InferenceEngine(model, eos, PAD, max_batch=max_batch)
+    cont = eng.generate(prompts, greedy)
+    assert eng.cache.capacity == max_batch
+    assert torch.equal(cont.responses, whole.responses) and torch.equal(cont.lengths, whole.lengths)
+    assert torch.allclose(cont.logprobs, whole.logprobs, atol=1e-5)
+    sampled = SamplingParams(temperature=1.0, max_new_tokens=12)
+    seeds = torch.arange(40, 54)
+    a = InferenceEngine(model, eos, PAD).generate(prompts, sampled, row_seeds=seeds)
+    b = eng.generate(prompts, sampled, row_seeds=seeds)
+    assert torch.equal(a.responses, b.responses) and torch.equal(a.response_mask, b.response_mask)

@@ -51,13 +51,20 @@ class InferenceEngine:
     rows cost). The KV cache is allocated once per engine and reused by later calls
     that fit in it (``cache``; ``release_cache`` frees it). ``compact=False`` keeps
     finished rows in the batch until the longest ends (the former behaviour, kept for
-    benchmarks and tests); the outputs are the same either way."""
+    benchmarks and tests); the outputs are the same either way.
+
+    ``max_batch``: at most this many rows decode at once; a call with more prompts runs
+    continuous batching: each row that finishes gives its slot to the next waiting
+    prompt, which is prefilled and joins the running batch at once."""
 
     def __init__(self, model, eos_id: int, pad_id: int, max_context: int | None = None,
-                 compact: bool = True):
+                 compact: bool = True, max_batch: int | None = None):
         self.model, self.eos_id, self.pad_id = model, eos_id, pad_id
         self.max_context = max_context or model.config.max_position_embeddings
         self.compact = compact
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.max_batch = max_batch
         self.cache = None
 
     @property
@@ -121,6 +128,8 @@ class InferenceEngine:
         if p + max_new > self.max_context:
             raise ValueError(f"prompt of {p} tokens + max_new_tokens={max_new} "
                              f"exceeds the model context of {self.max_context}")
+        if self.max_batch is not None and n > self.max_batch:
+            return self._generate_continuous(tokens, mask, params, generator, row_seeds)
         dev = self.device
         was_training = self.model.training
         self.model.eval()
@@ -194,5 +203,105 @@ class InferenceEngine:
         self.model.train(was_training)
         responses = responses[:, :steps].cpu()
         lengths = lengths.cpu()
+        response_mask = torch.arange(steps)[None, :] < lengths[:, None]
+        return Generation(tokens, mask, responses, response_mask, logps[:, :steps].cpu(), lengths)
+
+    def _generate_continuous(self, tokens, mask, params, generator, row_seeds) -> Generation:
+        """``_generate`` for more prompts than ``max_batch``: rows decode in one batch of at
+        most ``max_batch``; a finished row leaves it and the next waiting prompt takes its
+        slot. Every row of the batch writes its keys at one shared cache column per step;
+        a prompt joining at column ``c`` is placed at columns ``[c - P, c)`` (``P`` the
+        prompt width) and masked out everywhere before, so each row attends exactly its
+        own prompt and tokens. While prompts wait the batch is full, so at most
+        ``ceil(N / max_batch) + 1`` times ``max_new_tokens`` decode steps run: the cache
+        holds ``max_batch`` rows of ``P`` plus that many columns."""
+        from distflow.models import KVCache
+
+        n, p = tokens.shape
+        max_new, b = params.max_new_tokens, self.max_batch
+        dev = self.device
+        was_training = self.model.training
+        self.model.eval()
+        dtype = next(self.model.parameters()).dtype
+        width = p + max_new * (-(-n // b) + 1)
+        cache = self._cache_for(b, width, dtype, dev)
+        scratch = KVCache.allocate(self.model.config, b, p, dtype, dev)  # prefill of joining rows
+        tokens_dev, mask_dev = tokens.to(dev), mask.to(dev)
+        positions = (mask_dev.long().cumsum(-1) - 1).clamp(min=0)
+        responses = torch.full((n, max_new), self.pad_id, dtype=torch.int64, device=dev)
+        logps = torch.zeros((n, max_new), dtype=torch.float32, device=dev)
+        lengths = torch.zeros(n, dtype=torch.int64, device=dev)
+        uniforms = None
+        if row_seeds is not None and not params.greedy:
+            row_keys = splitmix64(row_seeds.to(torch.int64))
+            uniforms = uniform(splitmix64(row_keys[:, None] + torch.arange(max_new))).to(dev)
+
+        def prefill(rows: torch.Tensor, column: int):
+            """Logits of ``rows``' prompts, their keys/values written at ``[column - p, column)``
+            of cache rows ``[cache.batch, cache.batch + len(rows))``."""
+            k = len(rows)
+            scratch.start(k)
+            logits = self.model(tokens_dev[rows], positions[rows], mask_dev[rows], scratch)[:, -1]
+            m = cache.batch
+            for dst, src in ((cache._keys, scratch.keys), (cache._values, scratch.values)):
+                for d, s_ in zip(dst, src):
+                    d[m:m + k, :, column - p:column] = s_
+            cache._use(m + k)
+            km = torch.zeros((k, width), dtype=torch.bool, device=dev)
+            km[:, column - p:column] = mask_dev[rows]
+            return logits, km
+
+        cache.start(min(b, n))
+        cache._use(0)  # prefill adds the rows; the first prompts end at column p
+        cache.length = p
+        first = torch.arange(min(b, n), device=dev)
+        logits, key_mask = prefill(first, p)
+        live, steps_done = first, torch.zeros(len(first), dtype=torch.int64, device=dev)
+        next_pos = positions[first, -1] + 1
+        waiting = n - len(first)
+        while len(live):
+            u = None if uniforms is None else uniforms[live, steps_done]
+            tok, logp = sample(logits, params, generator, uniforms=u)
+            responses[live, steps_done] = tok
+            logps[live, steps_done] = logp.float()
+            steps_done = steps_done + 1
+            lengths[live] = steps_done
+            finished = (tok == self.eos_id) | (steps_done == max_new)
+            keep = ~finished
+            m = int(keep.sum())
+            if m < len(live):
+                holes = finished[:m].nonzero().squeeze(1)
+                movers = keep[m:].nonzero().squeeze(1) + m
+                if m:
+                    cache.move(movers, holes, m)
+                else:
+                    cache._use(0)
+                order = torch.arange(len(live), device=dev)
+                order[holes] = movers
+                order = order[:m]
+                live, tok, next_pos = live[order], tok[order], next_pos[order]
+                steps_done, key_mask = steps_done[order], key_mask[order]
+            parts = []
+            if m:
+                c = cache.length
+                key_mask[:, c] = True
+                parts.append(self.model(tok[:, None], next_pos[:, None], key_mask[:, :c + 1], cache)[:, -1])
+                next_pos = next_pos + 1
+            if waiting and m < b:
+                k = min(b - m, waiting)
+                rows = torch.arange(n - waiting, n - waiting + k, device=dev)
+                waiting -= k
+                new_logits, new_mask = prefill(rows, cache.length)
+                parts.append(new_logits)
+                live = torch.cat([live, rows])
+                steps_done = torch.cat([steps_done, torch.zeros(k, dtype=torch.int64, device=dev)])
+                next_pos = torch.cat([next_pos, positions[rows, -1] + 1])
+                key_mask = torch.cat([key_mask, new_mask])
+            if not parts:
+                break
+            logits = torch.cat(parts) if len(parts) > 1 else parts[0]
+        self.model.train(was_training)
+        steps = int(lengths.max())
+        responses, lengths = responses[:, :steps].cpu(), lengths.cpu()
         response_mask = torch.arange(steps)[None, :] < lengths[:, None]
         return Generation(tokens, mask, responses, response_mask, logps[:, :steps].cpu(), lengths)
