@@ -183,6 +183,27 @@ def _packed_layout(prefix_mask: torch.Tensor, index: torch.Tensor, cont_mask: to
     return pcol, ccol, row_len
 
 
+def _bins(row_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """First-fit decreasing of packed groups (lengths ``row_len`` [U]) into bins as long
+    as the longest group: ``(bin [U], offset [U], bins)``."""
+    lengths = row_len.tolist()
+    capacity = max(max(lengths), 1)
+    free: list[int] = []
+    bin_of, offset = [0] * len(lengths), [0] * len(lengths)
+    for g in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for k, room in enumerate(free):
+            if room >= lengths[g]:
+                break
+        else:
+            k = len(free)
+            free.append(capacity)
+        bin_of[g], offset[g] = k, capacity - free[k]
+        free[k] -= lengths[g]
+    dev = row_len.device
+    return (torch.tensor(bin_of, dtype=torch.int64, device=dev),
+            torch.tensor(offset, dtype=torch.int64, device=dev), len(free))
+
+
 def _packing_pays(config, prefix_mask: torch.Tensor, index: torch.Tensor, key_mask: torch.Tensor) -> bool:
     """Whether one packed pass (real tokens only, dense attention over each packed row,
     rows padded to the longest) is estimated cheaper than the two-pass way (the ``U``
@@ -196,8 +217,9 @@ def _packing_pays(config, prefix_mask: torch.Tensor, index: torch.Tensor, key_ma
     h = config.hidden_size
     per_token = 4 * h * h + 3 * h * config.intermediate_size
     _, _, row_len = _packed_layout(prefix_mask, index, key_mask[:, p:])
+    _, _, bins = _bins(row_len)
     length = int(row_len.max())
-    packed = u * length * per_token + u * length * length * 2 * h
+    packed = bins * length * per_token + bins * length * length * 2 * h
     two_pass = (u * p + n * t) * per_token + (u * p * p + n * t * (p + t)) * 2 * h
     return packed <= two_pass
 
@@ -205,38 +227,60 @@ def _packing_pays(config, prefix_mask: torch.Tensor, index: torch.Tensor, key_ma
 def forward_packed(model, prefix_ids: torch.Tensor, prefix_positions: torch.Tensor,
                    prefix_mask: torch.Tensor, index: torch.Tensor, ids: torch.Tensor,
                    positions: torch.Tensor, key_mask: torch.Tensor):
-    """``forward_shared`` in one pass over real tokens only: row ``u`` holds the real
-    tokens of prefix ``u`` followed by the real tokens of each of its continuations (in
-    row order), packed back to back; rows are padded to the longest. A continuation token
-    sees the prefix's tokens and the earlier tokens of its own continuation, as in the
-    plain forward over ``[prefix ; continuation]`` with its key mask. Outputs at padding
-    positions of the inputs are zeros."""
+    """``forward_shared`` in one pass over real tokens only. A group is the real tokens
+    of prefix ``u`` followed by the real tokens of each of its continuations (in row
+    order), back to back; groups are packed into rows as long as the longest group (first
+    fit decreasing), the rest of a row is padding. A continuation token sees its group's
+    prefix tokens and the earlier tokens of its own continuation, as in the plain forward
+    over ``[prefix ; continuation]`` with its key mask. Outputs at padding positions of
+    the inputs are zeros."""
     u, p = prefix_ids.shape
     n, t = ids.shape
     dev = ids.device
     pvalid, cvalid = prefix_mask.bool(), key_mask[:, p:].bool()
     pcol, ccol, row_len = _packed_layout(pvalid, index, cvalid)
+    bin_of, offset, bins = _bins(row_len)
     length = max(int(row_len.max()), 1)
     pu, pj = pvalid.nonzero(as_tuple=True)
     ci, cj = cvalid.nonzero(as_tuple=True)
-    prow, pc = pu, pcol[pu, pj]
-    crow, cc = index[ci], ccol[ci, cj]
-    packed_ids = torch.zeros((u, length), dtype=ids.dtype, device=dev)
-    packed_pos = torch.zeros((u, length), dtype=positions.dtype, device=dev)
-    segment = torch.full((u, length), -2, dtype=torch.int64, device=dev)  # -2 padding, -1 prefix, i row
+    prow, pc = bin_of[pu], offset[pu] + pcol[pu, pj]
+    crow, cc = bin_of[index[ci]], offset[index[ci]] + ccol[ci, cj]
+    packed_ids = torch.zeros((bins, length), dtype=ids.dtype, device=dev)
+    packed_pos = torch.zeros((bins, length), dtype=positions.dtype, device=dev)
+    segment = torch.full((bins, length), -2, dtype=torch.int64, device=dev)  # -2 padding, -1 prefix, i row
+    group = torch.full((bins, length), -1, dtype=torch.int64, device=dev)
     packed_ids[prow, pc] = prefix_ids[pu, pj]
     packed_pos[prow, pc] = prefix_positions[pu, pj]
     segment[prow, pc] = -1
+    group[prow, pc] = pu
     packed_ids[crow, cc] = ids[ci, cj]
     packed_pos[crow, cc] = positions[ci, cj]
     segment[crow, cc] = ci
+    group[crow, cc] = index[ci]
     col = torch.arange(length, device=dev)
-    valid = segment > -2                                                     # [U, L]
-    sees = (segment[:, None, :] == -1) | (segment[:, None, :] == segment[:, :, None])
+    valid = segment > -2                                                     # [R, L]
+    sees = (group[:, None, :] == group[:, :, None]) & \
+        ((segment[:, None, :] == -1) | (segment[:, None, :] == segment[:, :, None]))
     allowed = (sees & valid[:, None, :] & (col[None, :] <= col[:, None])[None]) \
         | torch.eye(length, dtype=torch.bool, device=dev)[None]
-    out = model(packed_ids, packed_pos, allowed)                              # [U, L, ...]
+    out = model(packed_ids, packed_pos, allowed)                              # [R, L, ...]
     tail = out.shape[2:]
     prefix_out = out.new_zeros((u, p, *tail)).index_put((pu, pj), out[prow, pc])
     cont = out.new_zeros((n, t, *tail)).index_put((ci, cj), out[crow, cc])
     return prefix_out, cont
+
+
+def forward_distinct(model, ids: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor,
+                     p: int) -> torch.Tensor:
+    """``model``'s outputs [N, S, ...] for ``N`` rows of distinct prompts (``ids``,
+    ``positions``, ``key_mask`` [N, S], the first ``p`` columns the left-padded prompt):
+    several rows' real tokens packed per row where the cost model says that pays
+    (outputs at padding positions are then zeros), else the plain padded forward."""
+    n, s = ids.shape
+    if 0 < p < s and n > 1:
+        ident = torch.arange(n, device=ids.device)
+        if _packing_pays(model.config, key_mask[:, :p], ident, key_mask):
+            prefix_out, out = forward_packed(model, ids[:, :p], positions[:, :p], key_mask[:, :p], ident,
+                                             ids[:, p:], positions[:, p:], key_mask)
+            return torch.cat([prefix_out, out], 1)
+    return model(ids, positions, key_mask)
