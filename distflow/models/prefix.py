@@ -209,7 +209,8 @@ def _packing_pays(config, prefix_mask: torch.Tensor, index: torch.Tensor, key_ma
     rows padded to the longest) is estimated cheaper than the two-pass way (the ``U``
     prefixes, then ``N`` continuations of ``T`` tokens, padding included). Cost in
     multiply-adds: a token through the projections and MLP, plus 2 * hidden per
-    query-key pair (scores and weighted values)."""
+    query-key pair (scores and weighted values). Packed rows of at most 64 tokens always
+    pay: there per-call overhead dominates, and packing makes one call instead of two."""
     u, p = prefix_mask.shape
     n, t = len(index), key_mask.shape[1] - p
     if n == 0 or t <= 0:
@@ -217,8 +218,10 @@ def _packing_pays(config, prefix_mask: torch.Tensor, index: torch.Tensor, key_ma
     h = config.hidden_size
     per_token = 4 * h * h + 3 * h * config.intermediate_size
     _, _, row_len = _packed_layout(prefix_mask, index, key_mask[:, p:])
-    _, _, bins = _bins(row_len)
     length = int(row_len.max())
+    if length <= 64:  # short rows: one call instead of two matters more than any flop
+        return True
+    _, _, bins = _bins(row_len)
     packed = bins * length * per_token + bins * length * length * 2 * h
     two_pass = (u * p + n * t) * per_token + (u * p * p + n * t * (p + t)) * 2 * h
     return packed <= two_pass
