@@ -24,7 +24,7 @@ from distflow.algos import (entropy_from_logits, get_advantage, get_policy_loss,
 from distflow.engines.generation import left_pad
 from distflow.engines.sampling import SamplingParams
 from distflow.memory import MemoryConfig, MemoryPolicy, offload_module, onload_module
-from distflow.models.prefix import forward_shared, shared_prefixes
+from distflow.models.prefix import forward_distinct, forward_shared, shared_prefixes
 from distflow.rl import actors
 from distflow.rl.tasks import get_reward, get_task
 
@@ -50,7 +50,11 @@ def response_outputs(model, batch: Batch, share_prefix: bool = True) -> torch.Te
     p, r = batch["prompts"].shape[1], batch["responses"].shape[1]
     shared = shared_prefixes(tokens[:, :p], mask[:, :p]) if share_prefix else None
     if shared is None:
-        return model(tokens[:, :p + r - 1], positions[:, :p + r - 1], mask[:, :p + r - 1])[:, p - 1:]
+        if not share_prefix:
+            return model(tokens[:, :p + r - 1], positions[:, :p + r - 1], mask[:, :p + r - 1])[:, p - 1:]
+        # distinct prompts: real tokens of several rows packed together where that pays
+        return forward_distinct(model, tokens[:, :p + r - 1], positions[:, :p + r - 1], mask[:, :p + r - 1],
+                                p)[:, p - 1:]
     first, inverse = shared
     if r == 1:
         return model(tokens[first, :p], positions[first, :p], mask[first, :p])[:, -1:].index_select(0, inverse)
