@@ -61,17 +61,22 @@ def find_checkpoint(path: str | Path) -> Path:
         if found is not None:
             path = found[1]
             break
-    candidates = sorted(p.parent for p in path.rglob(WEIGHTS) if (p.parent / "config.json").is_file())
+    candidates = sorted(p.parent for p in _complete(path.rglob(WEIGHTS)) if (p.parent / "config.json").is_file())
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
-        weights = sorted(str(p.parent) for p in path.rglob(WEIGHTS))
+        weights = sorted(str(p.parent) for p in _complete(path.rglob(WEIGHTS)))
         hint = (f"; {weights} hold weights without config.json (a checkpoint written before "
                 f"distflow kept the model's files: pass --model DIR, the model it started from)"
                 if weights else "")
         raise FileNotFoundError(f"no model checkpoint (model.safetensors + config.json) under {path}{hint}")
     raise ValueError(f"{path} holds {len(candidates)} models: {[str(c) for c in candidates]}; "
                      f"pass the one to export")
+
+
+def _complete(paths):
+    """Leave out files of a checkpoint still being written (``step_<k>.tmp``)."""
+    return [p for p in paths if not any(part.endswith(".tmp") for part in p.parts)]
 
 
 def export(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
@@ -112,7 +117,7 @@ def _weights_folder(path: Path) -> Path:
 
     found = checkpoint.latest(path / "checkpoints") or checkpoint.latest(path)
     root = found[1] if found else path
-    folders = sorted({p.parent for p in root.rglob(WEIGHTS)})
+    folders = sorted({p.parent for p in _complete(root.rglob(WEIGHTS))})
     if len(folders) != 1:
         raise ValueError(f"{root} holds {len(folders)} model.safetensors: {[str(f) for f in folders]}; "
                          f"pass the one to export")

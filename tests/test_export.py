@@ -124,6 +124,10 @@ def test_export_errors_name_the_folders(tmp_path):
     (step / "update_actor" / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="without config.json .* --model DIR"):
         export(tmp_path / "run", tmp_path / "out")
+    half_written = tmp_path / "crashed" / "checkpoints" / "step_0.tmp"
+    shutil.copytree(step, half_written)
+    with pytest.raises(FileNotFoundError, match="no model checkpoint"):
+        export(tmp_path / "crashed", tmp_path / "out")  # a checkpoint never committed is not one
     base = tmp_path / "base"
     from distflow.models import save_pretrained
     save_pretrained(model, base)
