@@ -15,6 +15,7 @@ from torch import nn
 
 from distflow.models.cache import KVCache
 from distflow.models.config import ModelConfig
+from distflow.models.rope import inv_frequencies
 
 __all__ = ["DecoderLM", "KVCache", "RMSNorm", "rotary_cos_sin", "apply_rotary", "attention_mask"]
 
@@ -38,18 +39,20 @@ class RMSNorm(nn.Module):
 
 
 # ---------------------------------------------------------------------------- rotary
-def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int,
-                   theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float,
+                   scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 ``(cos, sin)``, each ``[B, T, d]``, for integer ``position_ids [B, T]``.
 
-    Frequencies ``theta ** (-2i / d)`` for ``i < d/2``, repeated for both halves of the head
-    (the "rotate half" layout of Llama / Qwen2 checkpoints).
+    Frequencies ``theta ** (-2i / d)`` for ``i < d/2`` as rescaled by the rotary ``scaling``
+    (``ModelConfig.rope_scaling``, see ``distflow.models.rope``), repeated for both halves of
+    the head (the "rotate half" layout of Llama / Qwen2 checkpoints).
     """
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim
-    inv_freq = 1.0 / (theta ** exponent)                                  # [d/2]
+    inv_freq, attention_scaling = inv_frequencies(head_dim, theta, scaling, position_ids.device)  # [d/2]
     freqs = position_ids.float()[..., None] * inv_freq                    # [B, T, d/2]
     angles = torch.cat((freqs, freqs), dim=-1)                            # [B, T, d]
-    return angles.cos(), angles.sin()
+    if attention_scaling == 1.0:
+        return angles.cos(), angles.sin()
+    return angles.cos() * attention_scaling, angles.sin() * attention_scaling
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -299,7 +302,8 @@ class DecoderLM(nn.Module):
                                      f"got {tuple(key_mask.shape)}")
                 key_mask = key_mask.to(device=device, dtype=torch.bool)
             mask = attention_mask(key_mask, t, past, device)
-        cos, sin = rotary_cos_sin(position_ids.to(device), self.config.head_dim, self.config.rope_theta)
+        cos, sin = rotary_cos_sin(position_ids.to(device), self.config.head_dim, self.config.rope_theta,
+                                  self.config.rope_scaling)
 
         h = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
