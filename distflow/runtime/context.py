@@ -36,6 +36,8 @@ class StageContext:
     weight_sync: Any = None
     """With disaggregated placement, on trainer and rollout stages: the ``WeightSync``."""
     max_staleness: int = 0
+    nonfinite: str = "stop"
+    """``stop`` or ``skip``: what a training engine does with a non-finite loss or gradient."""
     step: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
 
