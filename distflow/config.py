@@ -53,7 +53,8 @@ class TransportConfig:
 
 @dataclass(kw_only=True)
 class FaultConfig:
-    """Failure injection (a test tool): at ``step`` before ``stage``, ``rank`` dies."""
+    """Failure injection (a test tool): at ``step`` before ``stage``, ``rank`` dies (on the
+    first attempt only: a group restarted by torchrun runs clean)."""
 
     rank: int = -1
     step: int = -1

@@ -52,7 +52,7 @@ class SignalWatch:
 
     def __init__(self, out: Path, rank: int, on_stuck: Callable[[int], None], grace_s: float):
         self.out, self.rank, self.on_stuck, self.grace_s = out, rank, on_stuck, grace_s
-        self.handled = threading.Event()  # the main thread has taken the stop signal
+        self.handled = threading.Event()  # the main thread is on its way out: no more raising
         self._stopping = False
         self._rx, self._tx = socket.socketpair()
         self._rx.settimeout(None)
@@ -63,7 +63,7 @@ class SignalWatch:
         threading.Thread(target=self._watch, name="distflow-signals", daemon=True).start()
 
     def _handler(self, signum, frame) -> None:  # runs in the main thread, between bytecodes
-        if signum == signal.SIGUSR1 or self._stopping:
+        if signum == signal.SIGUSR1 or self._stopping or self.handled.is_set():
             return  # the watcher dumps the stacks; a second stop signal changes nothing
         self._stopping = True
         raise Terminated(signum)

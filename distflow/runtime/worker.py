@@ -232,7 +232,8 @@ class Worker:
 
     def _maybe_inject_fault(self, stage: str, step: int) -> None:
         f = self.cfg.fault
-        if f.rank == self.rank and f.step == step and f.stage in ("", stage):
+        first_attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) == 0
+        if f.rank == self.rank and f.step == step and f.stage in ("", stage) and first_attempt:
             if f.mode == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             raise StageError(f"stage {stage!r} raised at step {step}: injected fault")
