@@ -119,7 +119,7 @@ class RunConfig:
     when torchrun restarted the group (``--max-restarts``); ``false``: start at step 0."""
     nonfinite: str = "stop"
     """A non-finite loss or gradient: ``stop`` the run naming step and stage, or ``skip``
-    that optimizer step (counted in ``count/nonfinite_skipped``)."""
+    that optimizer step (logged as ``nonfinite_skipped/<stage>``)."""
     transport: TransportConfig = field(default_factory=TransportConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     diloco: DiLoCoRunConfig = field(default_factory=DiLoCoRunConfig)
