@@ -269,3 +269,19 @@ def test_restart_resumes_and_metrics_equal_an_uninterrupted_run(tmp_path):
     assert strip(restarted) == strip(whole)  # bit for bit
     assert (tmp_path / "restarted" / "errors" / "attempt0").is_dir()
     assert sorted(os.listdir(tmp_path / "restarted" / "checkpoints")) == ["step_2", "step_5"]
+
+
+def test_a_failed_rendezvous_says_why():
+    from types import SimpleNamespace
+    from distflow.run import _failure_reason
+    from distflow.runtime.faults import Terminated
+    cfg = RunConfig()
+    quiet = SimpleNamespace(liveness=SimpleNamespace(failure=None))
+    err = RuntimeError("[gloo] connectFullMesh failed: Connection refused")
+    reason = _failure_reason(err, "rendezvous", quiet, cfg)
+    assert reason.startswith("RuntimeError: [gloo] connectFullMesh failed: Connection refused")
+    assert "could not set up the gloo groups or exchange endpoints" in reason
+    known = SimpleNamespace(liveness=SimpleNamespace(failure="peer rank 1 (stage -, step -1) died"))
+    assert _failure_reason(err, "rendezvous", known, cfg).endswith("; caused by peer rank 1 (stage -, step -1) died")
+    assert _failure_reason(Terminated(signal.SIGTERM), "gen", known, cfg) == \
+        "PeerFailure: peer rank 1 (stage -, step -1) died (then terminated by SIGTERM)"
