@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -59,8 +60,10 @@ def _ok(path: Path) -> bool:
 
 
 def _last_line(text: str) -> str:
-    lines = [ln for ln in text.strip().splitlines() if ln.startswith("distflow")]
-    return lines[-1] if lines else text.strip().splitlines()[-1]
+    """The last `distflow: rank ...` / `distflow run failed: ...` line (a progress bar may
+    share its line)."""
+    found = re.findall(r"distflow(?: run failed)?: rank \d+ stage .*", text)
+    return found[-1] if found else text.strip().splitlines()[-1]
 
 
 def distflow_run_sigkill(out: Path) -> tuple[str, float, str]:
@@ -113,8 +116,8 @@ def two_nodes(out: Path, victim: int) -> tuple[str, float, str]:
     t0 = time.monotonic()
     logs = [n.communicate(timeout=120)[1] for n in nodes]
     done = time.monotonic() - t0
-    named = [sum(f"peer rank {victim} (last reported" in ln for ln in log.splitlines()
-                 if ln.startswith("distflow: rank")) for log in logs]
+    named = [len(re.findall(rf"distflow: rank \d+ stage \S+ failed: PeerFailure: peer rank {victim} "
+                            r"\(last reported", log)) for log in logs]
     rows = read_metrics(out / "metrics.jsonl")
     return (f"node A log: {named[0]} survivor line(s) naming rank {victim}, node B log: {named[1]}; "
             f"e.g. `{_last_line(logs[1 - victim // 2])[:150]}...`", done,

@@ -132,7 +132,7 @@ def _run(path, env, pipeline, cfg, placement, out) -> int:
         pin_local_rank(env.local_rank)  # CPU runs: each local rank on its own cores
         if env.rank == 0:
             _write_run_json(out, path, pipeline, cfg, placement, endpoints)
-        progress = ProgressPrinter(cfg.steps) if env.rank == 0 else None
+        progress = state["progress"] = ProgressPrinter(cfg.steps) if env.rank == 0 else None
         state["worker"] = Worker(pipeline, cfg, placement, peer, out, process_groups, islands,
                                  sync_ranks, on_step=progress and progress.update)
         state["worker"].run()
@@ -140,6 +140,8 @@ def _run(path, env, pipeline, cfg, placement, out) -> int:
             progress.close()
     except BaseException as e:  # noqa: BLE001 - every failure must reach the peers
         watch.handled.set()
+        if state.get("progress"):
+            state["progress"].close()  # the failure line starts a line of its own
         stage = stage_of()
         reason = _failure_reason(e, stage, peer, cfg)
         dump_stacks(out, env.rank, f"failed in stage {stage}: {reason}", e)
