@@ -14,20 +14,27 @@ import os
 import platform
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
-from distflow.config import RunConfig, parse_overrides, resolve
+import msgpack
+import networkx
+import torch
+import torch.distributed as dist
+import zmq
+
+from distflow.config import parse_overrides, resolve
 from distflow.dag import Pipeline
 from distflow.memory import configure_allocator
-from distflow.placement import (Islands, Placement, plan_islands, plan_placement,
-                                weight_sync_ranks)
 from distflow.runtime.affinity import pin_local_rank
 from distflow.runtime.faults import SignalWatch, Terminated, dump_stacks, signal_name
-from distflow.runtime.exchange import plan_routes
+from distflow.runtime.plan import RunPlan, make_plan
 from distflow.runtime.progress import ProgressPrinter
 from distflow.runtime.rendezvous import (DistEnv, bind_host, exchange_endpoints,
                                          init_collectives, new_process_groups)
+from distflow.runtime.worker import Worker
 from distflow.transport.liveness import PeerFailure
+from distflow.transport.peer import Peer
 
 EXIT_CONFIG, EXIT_FAILED = 2, 1
 
@@ -46,36 +53,22 @@ def load_pipeline(path: str) -> Pipeline:
     return pipeline
 
 
-def islands_of(pipeline: Pipeline, cfg: RunConfig, placement: Placement) -> Islands | None:
-    if cfg.diloco.mode == "ddp":
-        return None
-    return plan_islands(pipeline, placement, cfg.diloco.group, cfg.diloco.islands)
-
-
-def prepare(path: str, args: list[str], world_size: int) -> tuple[Pipeline, RunConfig, Placement]:
+def prepare(path: str, args: list[str], world_size: int) -> RunPlan:
     """Everything that can be checked without talking to anyone; raises ValueError."""
     pipeline = load_pipeline(path)
     cfg = resolve(pipeline, parse_overrides(args))
-    placement = plan_placement(pipeline, world_size, cfg.placement, cfg.groups)
-    plan_routes(pipeline, placement, cfg.routing)
-    islands_of(pipeline, cfg, placement)
-    weight_sync_ranks(pipeline, placement)
-    if pipeline.check:
-        pipeline.check(cfg.params)
     cfg.out = cfg.out or f"runs/{pipeline.name}"
-    return pipeline, cfg, placement
+    return make_plan(pipeline, cfg, world_size)
 
 
 def _versions() -> dict[str, str]:
-    import msgpack, networkx, torch, zmq
-    from importlib.metadata import version
     return {"distflow": version("distflow"), "python": platform.python_version(),
             "torch": torch.__version__, "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(),
             "msgpack": ".".join(map(str, msgpack.version)), "networkx": networkx.__version__}
 
 
-def _write_run_json(out: Path, path: str, pipeline: Pipeline, cfg: RunConfig,
-                    placement: Placement, endpoints: dict) -> None:
+def _write_run_json(out: Path, path: str, plan: RunPlan, endpoints: dict) -> None:
+    pipeline, cfg, placement = plan.pipeline, plan.config, plan.placement
     info = {"pipeline": pipeline.name, "pipeline_file": str(Path(path).resolve()),
             "world_size": placement.world_size, "config": cfg.to_dict(),
             "placement": {"strategy": placement.strategy, "groups": placement.describe(),
@@ -104,21 +97,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     env = DistEnv.from_environ()
     try:
-        pipeline, cfg, placement = prepare(argv[0], argv[1:], env.world_size)
+        plan = prepare(argv[0], argv[1:], env.world_size)
     except (ValueError, TypeError, FileNotFoundError) as e:
         _fail(env.rank, "", f"{type(e).__name__}: {e}", None)
         return EXIT_CONFIG
-    out = Path(cfg.out)
+    out = Path(plan.config.out)
     out.mkdir(parents=True, exist_ok=True)
     _archive_errors(out, env.rank)
-    configure_allocator(cfg.memory)
-    return _run(argv[0], env, pipeline, cfg, placement, out)
+    configure_allocator(plan.config.memory)
+    return _run(argv[0], env, plan, out)
 
 
-def _run(path, env, pipeline, cfg, placement, out) -> int:
-    from distflow.transport.peer import Peer
-    from distflow.runtime.worker import Worker
-
+def _run(path: str, env: DistEnv, plan: RunPlan, out: Path) -> int:
+    cfg = plan.config
     peer = Peer(env.rank, env.world_size, bind_host(env.master_addr), cfg.transport)
     state = {"worker": None}
     stage_of = lambda: state["worker"].current_stage if state["worker"] else "rendezvous"  # noqa: E731
@@ -126,15 +117,14 @@ def _run(path, env, pipeline, cfg, placement, out) -> int:
                         on_stuck=lambda signum: _exit_stuck(env.rank, stage_of(), signum, peer, cfg, out))
     peer.liveness.on_failure = lambda why: dump_stacks(out, env.rank, f"peer failure: {why}")
     try:
-        process_groups, islands, sync_ranks = _setup_collectives(env, pipeline, cfg, placement)
+        process_groups = _setup_collectives(env, plan)
         endpoints = exchange_endpoints(env.rank, env.world_size, peer.endpoints)
         peer.connect(endpoints)
         pin_local_rank(env.local_rank)  # CPU runs: each local rank on its own cores
         if env.rank == 0:
-            _write_run_json(out, path, pipeline, cfg, placement, endpoints)
+            _write_run_json(out, path, plan, endpoints)
         progress = state["progress"] = ProgressPrinter(cfg.steps) if env.rank == 0 else None
-        state["worker"] = Worker(pipeline, cfg, placement, peer, out, process_groups, islands,
-                                 sync_ranks, on_step=progress and progress.update)
+        state["worker"] = Worker(plan, peer, process_groups, on_step=progress and progress.update)
         state["worker"].run()
         if progress:
             progress.close()
@@ -169,15 +159,13 @@ def _archive_errors(out: Path, rank: int) -> None:
             p.replace(out / "errors" / f"attempt{attempt - 1}" / p.name)
 
 
-def _setup_collectives(env, pipeline, cfg, placement):
+def _setup_collectives(env: DistEnv, plan: RunPlan) -> dict:
     """gloo groups (inside the caller's error handling: a failed rendezvous is reported)."""
     init_collectives(env)
-    islands = islands_of(pipeline, cfg, placement)
-    sync_ranks = weight_sync_ranks(pipeline, placement)
-    return new_process_groups(placement, islands, sync_ranks), islands, sync_ranks
+    return new_process_groups(plan.placement, plan.islands, plan.sync_ranks)
 
 
-def _signal_grace_s(cfg: RunConfig) -> float:
+def _signal_grace_s(cfg) -> float:
     """How long the main thread may take to act on SIGTERM before the watcher does."""
     return min(5.0, cfg.transport.peer_timeout_s / 2)
 
@@ -192,7 +180,7 @@ def _peer_cause(peer, wait_s: float) -> str | None:
     return peer.liveness.failure
 
 
-def _failure_reason(e: BaseException, stage: str, peer, cfg: RunConfig) -> str:
+def _failure_reason(e: BaseException, stage: str, peer, cfg) -> str:
     if isinstance(e, (Terminated, KeyboardInterrupt)):
         what = str(e) if isinstance(e, Terminated) else "interrupted (SIGINT)"
         cause = _peer_cause(peer, min(2.0, cfg.transport.peer_timeout_s))
@@ -208,7 +196,7 @@ def _failure_reason(e: BaseException, stage: str, peer, cfg: RunConfig) -> str:
     return reason
 
 
-def _exit_stuck(rank: int, stage: str, signum: int, peer, cfg: RunConfig, out: Path) -> None:
+def _exit_stuck(rank: int, stage: str, signum: int, peer, cfg, out: Path) -> None:
     """The watcher thread's way out when the main thread cannot take a stop signal."""
     cause = peer.liveness.failure
     what = f"terminated by {signal_name(signum)} while stuck in stage {stage}"
@@ -220,7 +208,6 @@ def _exit_stuck(rank: int, stage: str, signum: int, peer, cfg: RunConfig, out: P
 
 
 def _destroy_collectives() -> None:
-    import torch.distributed as dist
     if dist.is_initialized():
         dist.destroy_process_group()
 
