@@ -1,6 +1,6 @@
 """``distflow``: the one-machine command line.
 
-    distflow run PIPELINE.py [--nproc N] [--out DIR] [--steps K] [key=value ...]
+    distflow run PIPELINE.py [--nproc N] [--out DIR] [--steps K] [--max-restarts N] [key=value ...]
     distflow plot RUN_DIR
     distflow plan PIPELINE.py [--nproc N] [key=value ...]
     distflow export CHECKPOINT_DIR OUT_DIR [--dtype float32|bfloat16]
@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from distflow.runtime.faults import signal_name
 from distflow.runtime.metrics import read_metrics
 
 
@@ -33,17 +35,39 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     out = Path(args.out or f"runs/{pipeline.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={args.nproc}", "-m", "distflow.run", args.pipeline,
-           f"out={out}", *overrides]
+           f"--nproc_per_node={args.nproc}", f"--max-restarts={args.max_restarts}",
+           "-m", "distflow.run", args.pipeline, f"out={out}", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get(
         "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))}
-    rc = subprocess.call(cmd, env=env)
+    rc, report = _call_teeing_stderr(cmd, env)
     if rc != 0:
-        print(f"distflow run failed: {root_cause(out) or f'torchrun exited with {rc}'}",
+        print(f"distflow run failed: {root_cause(out, report) or f'torchrun exited with {rc}'}",
               file=sys.stderr)
         return rc
     _summarize(out)
     return 0
+
+
+def _call_teeing_stderr(cmd: list[str], env: dict) -> tuple[int, str]:
+    """Run ``cmd``, passing its stderr through, and keep torchrun's failure report."""
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace")
+    tail: list[str] = []
+    for line in proc.stderr:
+        sys.stderr.write(line)
+        tail.append(line)
+        del tail[:-400]
+    return proc.wait(), "".join(tail)
+
+
+_ROOT = re.compile(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.S)
+
+
+def signal_death(report: str) -> tuple[int, int] | None:
+    """(rank, signal) when torchrun's report says the first failure was a signal death."""
+    m = _ROOT.search(report)
+    if m and int(m.group(2)) < 0:
+        return int(m.group(1)), -int(m.group(2))
+    return None
 
 
 def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -61,10 +85,22 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def root_cause(out: Path) -> str | None:
-    """The failure that started it: a rank's own error rather than a peer's echo of it."""
+def root_cause(out: Path, report: str = "") -> str | None:
+    """The failure that started it: a rank's own error rather than a peer's echo of it, or
+    a rank killed by a signal (from torchrun's report: such a rank wrote nothing itself;
+    its stage is the one its peers last saw; the line goes to errors/rank<R>.txt too)."""
     lines = [p.read_text().strip() for p in sorted((out / "errors").glob("rank*.txt"))]
-    own = [ln for ln in lines if "PeerFailure" not in ln]
+    own = [ln for ln in lines if "PeerFailure" not in ln and "terminated by SIG" not in ln]
+    dead = signal_death(report)
+    if dead and not own:
+        rank, signum = dead
+        stages = [m.group(1) for ln in lines
+                  if (m := re.search(rf"peer rank {rank} \((?:last reported )?stage (\S+?),", ln))]
+        line = (f"distflow: rank {rank} stage {stages[0] if stages else '-'} failed: killed by "
+                f"{signal_name(signum)} (exit signal {signum})")
+        (out / "errors").mkdir(exist_ok=True)
+        (out / "errors" / f"rank{rank}.txt").write_text(line + "\n")
+        return line
     return (own or lines or [None])[0]
 
 
@@ -118,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--nproc", type=int, default=2, help="number of workers (default 2)")
     run.add_argument("--out", default="", help="run directory (default runs/<name>-<time>)")
     run.add_argument("--steps", type=int, default=0, help="iterations (default: pipeline's)")
+    run.add_argument("--max-restarts", type=int, default=0,
+                     help="restart the workers this many times after a failure; each restart "
+                          "resumes from the newest complete checkpoint (default 0)")
     plot = sub.add_parser("plot", help="plot a run's metrics.jsonl to metrics.png")
     plot.add_argument("run_dir")
     plan = sub.add_parser("plan", help="compare placements for a pipeline before launching")

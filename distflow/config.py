@@ -23,7 +23,8 @@ __all__ = ["ConfigError", "FaultConfig", "RunConfig", "TransportConfig", "parse_
 
 @dataclass(kw_only=True)
 class FaultConfig:
-    """Failure injection (a test tool): at ``step`` before ``stage``, ``rank`` dies."""
+    """Failure injection (a test tool): at ``step`` before ``stage``, ``rank`` dies (on the
+    first attempt only: a group restarted by torchrun runs clean)."""
 
     rank: int = -1
     step: int = -1
@@ -52,8 +53,12 @@ class RunConfig:
     """Record a sha256 of the weights on both sides of every sync (weights/ in ``out``)."""
     save_every: int = 0
     """Checkpoint every this many steps (0: only after the last step)."""
-    resume: bool = False
-    """Continue from the newest complete checkpoint in ``out``."""
+    resume: str = "auto"
+    """``true``: continue from the newest complete checkpoint in ``out``; ``auto``: only
+    when torchrun restarted the group (``--max-restarts``); ``false``: start at step 0."""
+    nonfinite: str = "stop"
+    """A non-finite loss or gradient: ``stop`` the run naming step and stage, or ``skip``
+    that optimizer step (logged as ``nonfinite_skipped/<stage>``)."""
     transport: TransportConfig = field(default_factory=TransportConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)
@@ -70,11 +75,21 @@ class RunConfig:
                               f"max_staleness={self.max_staleness}")
         if self.save_every < 0:
             raise ConfigError(f"save_every must be >= 0, got {self.save_every}")
+        self.resume = {True: "true", False: "false", "1": "true", "yes": "true", "0": "false",
+                       "no": "false"}.get(_lower(self.resume), _lower(self.resume))
+        if self.resume not in ("auto", "true", "false"):
+            raise ConfigError(f"resume must be auto, true or false, got {self.resume!r}")
+        if self.nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"nonfinite must be 'stop' or 'skip', got {self.nonfinite!r}")
         if self.routing not in ("p2p", "hub"):
             raise ConfigError(f"routing must be 'p2p' or 'hub', got {self.routing!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _lower(v: Any) -> Any:
+    return v.lower() if isinstance(v, str) else v
 
 
 def _coerce(key: str, raw: Any, default: Any) -> Any:

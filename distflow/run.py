@@ -10,8 +10,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import platform
 import sys
+import time
 from importlib.metadata import version
 from pathlib import Path
 
@@ -25,11 +27,13 @@ from distflow.config import parse_overrides, resolve
 from distflow.dag import Pipeline
 from distflow.memory import configure_allocator
 from distflow.runtime.affinity import pin_local_rank
+from distflow.runtime.faults import SignalWatch, Terminated, dump_stacks, signal_name
 from distflow.runtime.plan import RunPlan, make_plan
 from distflow.runtime.progress import ProgressPrinter
 from distflow.runtime.rendezvous import (DistEnv, bind_host, exchange_endpoints,
                                          init_collectives, new_process_groups)
 from distflow.runtime.worker import Worker
+from distflow.transport.liveness import PeerFailure
 from distflow.transport.peer import Peer
 
 EXIT_CONFIG, EXIT_FAILED = 2, 1
@@ -99,41 +103,108 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     out = Path(plan.config.out)
     out.mkdir(parents=True, exist_ok=True)
+    _archive_errors(out, env.rank)
     configure_allocator(plan.config.memory)
     return _run(argv[0], env, plan, out)
 
 
 def _run(path: str, env: DistEnv, plan: RunPlan, out: Path) -> int:
     cfg = plan.config
-    init_collectives(env)
-    process_groups = new_process_groups(plan.placement, plan.islands, plan.sync_ranks)
     peer = Peer(env.rank, env.world_size, bind_host(env.master_addr), cfg.transport)
-    worker = None
+    state = {"worker": None}
+    stage_of = lambda: state["worker"].current_stage if state["worker"] else "rendezvous"  # noqa: E731
+    watch = SignalWatch(out, env.rank, grace_s=_signal_grace_s(cfg),
+                        on_stuck=lambda signum: _exit_stuck(env.rank, stage_of(), signum, peer, cfg, out))
+    peer.liveness.on_failure = lambda why: dump_stacks(out, env.rank, f"peer failure: {why}")
     try:
+        process_groups = _setup_collectives(env, plan)
         endpoints = exchange_endpoints(env.rank, env.world_size, peer.endpoints)
         peer.connect(endpoints)
         pin_local_rank(env.local_rank)  # CPU runs: each local rank on its own cores
         if env.rank == 0:
             _write_run_json(out, path, plan, endpoints)
-        progress = ProgressPrinter(cfg.steps) if env.rank == 0 else None
-        worker = Worker(plan, peer, process_groups, on_step=progress and progress.update)
-        worker.run()
+        progress = state["progress"] = ProgressPrinter(cfg.steps) if env.rank == 0 else None
+        state["worker"] = Worker(plan, peer, process_groups, on_step=progress and progress.update)
+        state["worker"].run()
         if progress:
             progress.close()
     except BaseException as e:  # noqa: BLE001 - every failure must reach the peers
-        stage = worker.current_stage if worker else "rendezvous"
-        reason = f"{type(e).__name__}: {e}" if not isinstance(e, KeyboardInterrupt) else "interrupted"
+        watch.handled.set()
+        if state.get("progress"):
+            state["progress"].close()  # the failure line starts a line of its own
+        stage = stage_of()
+        reason = _failure_reason(e, stage, peer, cfg)
+        dump_stacks(out, env.rank, f"failed in stage {stage}: {reason}", e)
         _fail(env.rank, stage, reason, out)
         peer.liveness.update(state="failed", reason=reason[:500])
         peer.close(flush_s=2 * cfg.transport.heartbeat_s, failed=True)
         return EXIT_FAILED
     finally:
-        if worker:
-            worker.close()
+        if state["worker"]:
+            state["worker"].close()
+    watch.close()
     peer.liveness.update(state="done")
     peer.close(flush_s=cfg.transport.heartbeat_s)
     _destroy_collectives()
     return 0
+
+
+def _archive_errors(out: Path, rank: int) -> None:
+    """After a restart, this rank's errors of the previous attempt move to errors/attempt<k>/."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    old = [p for p in (out / "errors").glob(f"rank{rank}.*") if p.suffix in (".txt", ".stack")]
+    if attempt and old:
+        (out / "errors" / f"attempt{attempt - 1}").mkdir(parents=True, exist_ok=True)
+        for p in old:
+            p.replace(out / "errors" / f"attempt{attempt - 1}" / p.name)
+
+
+def _setup_collectives(env: DistEnv, plan: RunPlan) -> dict:
+    """gloo groups (inside the caller's error handling: a failed rendezvous is reported)."""
+    init_collectives(env)
+    return new_process_groups(plan.placement, plan.islands, plan.sync_ranks)
+
+
+def _signal_grace_s(cfg) -> float:
+    """How long the main thread may take to act on SIGTERM before the watcher does."""
+    return min(5.0, cfg.transport.peer_timeout_s / 2)
+
+
+def _peer_cause(peer, wait_s: float) -> str | None:
+    """The failure of a peer this rank knows of, waiting up to ``wait_s`` for one: a
+    launcher SIGTERMs the survivors as soon as one worker dies, usually before they
+    have noticed which one."""
+    deadline = time.monotonic() + wait_s
+    while peer.liveness.failure is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return peer.liveness.failure
+
+
+def _failure_reason(e: BaseException, stage: str, peer, cfg) -> str:
+    if isinstance(e, (Terminated, KeyboardInterrupt)):
+        what = str(e) if isinstance(e, Terminated) else "interrupted (SIGINT)"
+        cause = _peer_cause(peer, min(2.0, cfg.transport.peer_timeout_s))
+        return f"PeerFailure: {cause} (then {what})" if cause else what
+    if isinstance(e, PeerFailure):
+        return f"PeerFailure: {peer.liveness.failure or e}"  # the best-known root cause
+    reason = f"{type(e).__name__}: {e}"
+    if stage == "rendezvous":
+        cause = _peer_cause(peer, 0.0)
+        reason += (f"; caused by {cause}" if cause else
+                   " (could not set up the gloo groups or exchange endpoints with the other "
+                   "ranks of this attempt: one of them exited or is unreachable)")
+    return reason
+
+
+def _exit_stuck(rank: int, stage: str, signum: int, peer, cfg, out: Path) -> None:
+    """The watcher thread's way out when the main thread cannot take a stop signal."""
+    cause = peer.liveness.failure
+    what = f"terminated by {signal_name(signum)} while stuck in stage {stage}"
+    reason = f"PeerFailure: {cause} (then {what})" if cause else what
+    _fail(rank, stage, reason, out)
+    peer.liveness.update(state="failed", reason=reason[:500])
+    time.sleep(2 * cfg.transport.heartbeat_s)
+    os._exit(EXIT_FAILED)
 
 
 def _destroy_collectives() -> None:

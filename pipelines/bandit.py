@@ -19,11 +19,13 @@ Each action is drawn from a counter-based stream keyed by the sample id, so a se
 the same run in every placement.
 """
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
-from distflow import Batch, Pipeline, Stage
+from distflow import Batch, Pipeline, Stage, checkpoint
 from distflow.engines.sampling import uniform
 
 N_CONTEXTS = N_ACTIONS = 10
@@ -120,6 +122,16 @@ class Update:
                 "actor/pg_loss": -(advantaged["advantage"] * chosen.detach()).mean()})
         ctx.log(**{"count/samples": len(advantaged),
                    "perf/throughput": len(advantaged) / (time.perf_counter() - t0)})
+
+    def save_checkpoint(self, ctx, directory: Path) -> None:
+        if ctx.dp_rank == 0:  # replicas hold the same weights: one writer
+            save_file({"logits": self.policy.logits.detach()}, str(directory / "policy.safetensors"))
+            checkpoint.save_optimizer(self.opt, directory)
+
+    def load_checkpoint(self, ctx, directory: Path) -> None:
+        with torch.no_grad():
+            self.policy.logits.copy_(load_file(str(directory / "policy.safetensors"))["logits"])
+        checkpoint.load_optimizer(self.opt, directory)
 
 
 def _interleaved(n: int) -> dict:

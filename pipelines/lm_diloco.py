@@ -74,7 +74,8 @@ class LMTrain:
         self.model = DecoderLM(cfg)
         self.engine = TrainEngine(self.model, OptimConfig(
             lr=p["lr"], weight_decay=p["weight_decay"], betas=(0.9, 0.95), grad_clip=1.0,
-            micro_batch_tokens=p["micro_batch_tokens"]), ctx.process_group,
+            micro_batch_tokens=p["micro_batch_tokens"], skip_nonfinite=ctx.nonfinite == "skip"),
+            ctx.process_group,
             sync=ctx.diloco(self.model) if ctx.diloco else None)
         heldout = stdlib_corpus("heldout")
         starts = window_starts(len(heldout), p["seq_len"] + 1, 12345, 0, p["eval_batch"])

@@ -77,7 +77,7 @@ def test_silent_peer_becomes_an_error_naming_it_within_the_timeout():
         time.sleep(0.2)
         b.liveness.stop()  # rank 1 goes silent without saying goodbye
         t0 = time.monotonic()
-        with pytest.raises(PeerFailure, match=r"peer rank 1 \(last in stage rollout, step 7\)"):
+        with pytest.raises(PeerFailure, match=r"peer rank 1 \(last reported stage rollout, step 7\)"):
             a.recv("data", (0,), [2])
         assert time.monotonic() - t0 < 1.0 + 1.0
         with pytest.raises(PeerFailure, match="peer rank 1"):

@@ -9,6 +9,8 @@ into ranks or micro-batches (up to floating-point summation order).
 """
 from __future__ import annotations
 
+import math
+
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,9 @@ class OptimConfig:
     grad_clip: float = 1.0
     micro_batch_tokens: int = 4096
     """Token budget of one micro-batch (gradient accumulation splits by it)."""
+    skip_nonfinite: bool = False
+    """A non-finite loss or gradient norm: skip the optimizer step (True) or raise
+    ``FloatingPointError`` before it touches the weights (False, the default)."""
 
     def __post_init__(self):
         if self.lr <= 0 or self.micro_batch_tokens < 1 or self.grad_clip < 0:
@@ -192,10 +197,16 @@ class TrainEngine:
             self._all_reduce_grads()
         params = [p for p in self._params if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or float("inf"))
-        self.optimizer.step()
+        bad = {k: v for k, v in {**stats, "grad_norm": float(norm)}.items() if not math.isfinite(v)}
+        if bad and not self.cfg.skip_nonfinite:
+            raise FloatingPointError("non-finite " + ", ".join(f"{k}={v}" for k, v in bad.items())
+                                     + "; the optimizer step was not applied")
+        skip = not math.isfinite(float(norm))  # of the summed gradients: the same on every replica
+        if not skip:
+            self.optimizer.step()
         if self.sync is not None:
             self.sync.after_inner_step()
-        return {**stats, "grad_norm": float(norm)}
+        return {**stats, "grad_norm": float(norm), "nonfinite_skipped": float(skip)}
 
     def sync_stats(self) -> dict[str, float]:
         return self.sync.stats() if self.sync is not None else {}

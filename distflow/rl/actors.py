@@ -85,7 +85,8 @@ def optim_config(ctx, prefix: str = "") -> OptimConfig:
     p = ctx.params
     return OptimConfig(lr=p[f"{prefix}lr"], weight_decay=p.get("weight_decay", 0.0),
                        grad_clip=p.get("grad_clip", 1.0),
-                       micro_batch_tokens=p.get("micro_batch_tokens", 4096))
+                       micro_batch_tokens=p.get("micro_batch_tokens", 4096),
+                       skip_nonfinite=ctx.nonfinite == "skip")
 
 
 def save_model_files(ctx, engine: TrainEngine, directory: Path) -> None:

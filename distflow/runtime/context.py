@@ -36,6 +36,8 @@ class StageContext:
     """With DiLoCo on this stage's group: ``diloco(model) -> DiLoCo`` sync for its trainer."""
     weight_sync: Any = None
     """With disaggregated placement, on trainer and rollout stages: the ``WeightSync``."""
+    nonfinite: str = "stop"
+    """``stop`` or ``skip``: what a training engine does with a non-finite loss or gradient."""
     step: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     models: dict[str, Any] = field(default_factory=dict)

@@ -9,6 +9,7 @@ is averaged. When stages report ``count/tokens``, rank 0 adds verl's
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from distflow.runtime.context import WEIGHT
@@ -59,11 +60,18 @@ class MetricsLog:
             for k, v in metrics.items():
                 self._tb.add_scalar(k, v, step)
 
+    def sync(self) -> None:
+        """Flush the rows written so far to disk (before a checkpoint is committed)."""
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
     def truncate_after(self, step: int) -> None:
         """Drop rows of steps after ``step`` (they will be run again on resume)."""
         self._fh.close()
         rows = [r for r in read_metrics(self.path) if r["step"] <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, self.path)
         self._fh = open(self.path, "a", buffering=1)
 
     def close(self) -> None:

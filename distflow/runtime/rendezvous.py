@@ -54,8 +54,18 @@ def bind_host(master_addr: str) -> str:
 def init_collectives(env: DistEnv, timeout_s: float = 300.0) -> None:
     """The default process group (gloo) for gradient all-reduce and friends."""
     if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=env.rank, world_size=env.world_size,
-                                timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group("gloo", store=_attempt_store(env, timeout_s), rank=env.rank,
+                                world_size=env.world_size, timeout=timedelta(seconds=timeout_s))
+
+
+def _attempt_store(env: DistEnv, timeout_s: float) -> dist.Store:
+    """torchrun's store, under a prefix of this attempt: after an elastic restart the
+    agent's store still holds the previous attempt's keys (gloo addresses, our endpoints),
+    and reading those would connect to processes that no longer exist."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size,
+                                       timeout=timedelta(seconds=timeout_s)))
+    return dist.PrefixStore(f"distflow/attempt{attempt}/", store)
 
 
 def exchange_endpoints(rank: int, world_size: int, mine: dict[str, str]) -> dict[int, dict[str, str]]:

@@ -5,6 +5,7 @@ Every rank runs this same loop over the same deterministic plan; there is no dri
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import signal
 import time
@@ -67,7 +68,8 @@ class Worker:
             process_group=process_group, reducer=self._reducer(members, process_group),
             steps=self.cfg.steps, island=island,
             diloco=self._diloco_factory() if island is not None else None,
-            weight_sync=self._weight_sync(stage), models=self._shared)
+            weight_sync=self._weight_sync(stage), models=self._shared,
+            nonfinite=self.cfg.nonfinite)
 
     def _island(self, stage: Stage) -> tuple[int | None, tuple[int, ...], object]:
         """``(island, its ranks, its process group)`` when ``stage``'s group has DiLoCo
@@ -106,18 +108,18 @@ class Worker:
 
     def run(self) -> None:
         self._stateful()  # build every stage (models, engines) before the first step
-        start = self._resume() if self.cfg.resume else 0
+        start = self._resume() if resume_requested(self.cfg.resume) else 0
         if start:  # steps before `start` count as done for the producers' flow-control window
             self.peer.liveness.update(progress=start - 1)
-        self._first_step = start
+        if self._metrics_log:
+            self._metrics_log.truncate_after(start - 1)  # every step's row exactly once
+        self._first_step = self._next_row = start
         self._lag = 1 + self.cfg.max_staleness
         for step in range(start, self.cfg.steps):
             self.run_step(step)
             last = step == self.cfg.steps - 1
-            if self.rank == HUB and last:
-                for k in range(max(self._first_step, step - self._lag + 1), step + 1):
-                    self._write_metrics(k)
             if last or (self.cfg.save_every and (step + 1) % self.cfg.save_every == 0):
+                self._flush_metrics(step)  # rows up to the checkpoint's step, before it
                 self._save(step)
         self.current_stage = ""
 
@@ -141,11 +143,15 @@ class Worker:
             stage.save_checkpoint(self._contexts[name], tmp / name)
         _barrier()
         if self.rank == 0:
+            self._metrics_log.sync()
             checkpoint.write_json(tmp / "meta.json", {"step": step, "pipeline": self.pipeline.name})
             checkpoint.commit(root, step)
         _barrier()
 
     def _resume(self) -> int:
+        """Load the newest checkpoint that matches its manifest (older ones are the
+        fallback); the step after it is the first to run."""
+        self.current_stage = "resume"
         found = checkpoint.latest(self.out_dir / "checkpoints")
         if found is None:
             return 0
@@ -154,8 +160,6 @@ class Worker:
             if hasattr(stage, "load_checkpoint"):
                 self._contexts[name].step = step
                 stage.load_checkpoint(self._contexts[name], path / name)
-        if self._metrics_log:
-            self._metrics_log.truncate_after(step)
         return step + 1
 
     def run_step(self, step: int) -> None:
@@ -176,8 +180,7 @@ class Worker:
         self.peer.send(HUB, Message(self.rank, "metrics", (step,), metrics), step=step)
         # Rank 0 logs a step's metrics late (1 + max_staleness steps), so waiting for the
         # slowest rank's report never stops rank 0 from starting the next step's work.
-        if self.rank == HUB and step - self._lag >= self._first_step:
-            self._write_metrics(step - self._lag)
+        self._flush_metrics(step - self._lag)
 
     def _run_stage(self, stage: Stage, step: int, metrics: dict[str, float]) -> None:
         self._maybe_inject_fault(stage.name, step)
@@ -196,9 +199,11 @@ class Worker:
             raise
         except Exception as e:
             self._blame_dead_peer(e)
+            hint = " (nonfinite=skip skips such steps instead)" if isinstance(e, FloatingPointError) else ""
             raise StageError(f"stage {stage.name!r} raised at step {step}: "
-                             f"{type(e).__name__}: {e}") from e
+                             f"{type(e).__name__}: {e}{hint}") from e
         t2 = time.perf_counter()
+        _check_finite(stage.name, step, ctx.metrics, self.cfg.nonfinite)
         metrics.update(self.memory.after(stage.name, fn))
         outputs = _check_outputs(stage, outputs, step)
         self.exchange.publish_outputs(self.pipeline.out_edges(stage.name), step, outputs)
@@ -223,6 +228,18 @@ class Worker:
             self._callables[stage.name] = stage.fn(ctx) if inspect.isclass(stage.fn) else stage.fn
         return self._callables[stage.name]
 
+    def _flush_metrics(self, upto: int) -> None:
+        """Rank 0: write the rows of every step up to ``upto`` not written yet. Before a
+        checkpoint of step k is committed, rows up to k are on disk (fsynced), so a crash
+        right after it loses no row and a resume from it writes none twice."""
+        if self.rank != HUB:
+            return
+        self.current_stage = "metrics"
+        for k in range(self._next_row, upto + 1):
+            self._write_metrics(k)
+        if upto >= self._next_row:
+            self._next_row = upto + 1
+
     def _write_metrics(self, step: int) -> None:
         msgs = self.peer.recv("metrics", (step,), list(range(self.placement.world_size)))
         reduced = reduce_metrics([m.meta for _, m in sorted(msgs.items()) if isinstance(m.meta, dict)])
@@ -232,7 +249,8 @@ class Worker:
 
     def _maybe_inject_fault(self, stage: str, step: int) -> None:
         f = self.cfg.fault
-        if f.rank == self.rank and f.step == step and f.stage in ("", stage):
+        first_attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) == 0
+        if f.rank == self.rank and f.step == step and f.stage in ("", stage) and first_attempt:
             if f.mode == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             raise StageError(f"stage {stage!r} raised at step {step}: injected fault")
@@ -240,6 +258,25 @@ class Worker:
     def close(self) -> None:
         if self._metrics_log:
             self._metrics_log.close()
+
+
+def resume_requested(mode: str) -> bool:
+    """``resume=true``, or ``auto`` (the default) when torchrun restarted the group."""
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    return mode == "true" or (mode == "auto" and restarts > 0)
+
+
+def _check_finite(stage: str, step: int, metrics: dict[str, float], mode: str) -> None:
+    """A non-finite loss or gradient norm stops the run (``nonfinite=stop``) naming them;
+    with ``nonfinite=skip`` the training engine has skipped that optimizer step."""
+    bad = {k: v for k, v in metrics.items()
+           if ("loss" in k or "grad_norm" in k) and not math.isfinite(v)}
+    if bad and mode == "stop":
+        raise StageError(f"stage {stage!r} at step {step}: non-finite "
+                         + ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
+                         + " (nonfinite=skip skips such steps instead)")
+    if bad:
+        metrics[f"nonfinite_skipped/{stage}"] = 1.0
 
 
 def _aligned(batches: list[Batch]) -> bool:

@@ -7,13 +7,17 @@ progress without delay); a change of stage alone rides on the next beat, because
 beat goes to every peer and stages change several times per iteration. It subscribes to
 every peer's heartbeats. From them it knows
 
-- which peers are alive: a peer silent for ``peer_timeout_s`` is presumed dead;
+- which peers are alive: a peer whose heartbeat connection closes before it said
+  ``done`` or ``failed`` died (killed by a signal, or crashed) and is named at once; a
+  peer silent for ``peer_timeout_s`` (hung, stopped, or unreachable) is presumed dead;
 - which peer failed and why: a rank that raises publishes ``state="failed"`` before exit;
 - how far each peer has got (``progress`` = last completed iteration), which is what
   flow control between a producer and a slower consumer waits on.
 
-The first failure seen becomes ``failure`` (a one-line reason naming rank and stage);
-blocking calls of the data plane check it. If the main thread is stuck in user code and
+The first failure seen becomes ``failure`` (a one-line reason naming rank and stage),
+except that a peer's report of being merely terminated by a signal (its launcher
+stopping it) gives way to a root cause seen later; blocking calls of the data plane check
+it, and ``on_failure`` (if set) is called once from the heartbeat thread. If the main thread is stuck in user code and
 does not exit within ``peer_timeout_s`` of a failure, the watchdog ends the process, so
 a dead peer never turns into a hang.
 """
@@ -26,6 +30,7 @@ import time
 
 import msgpack
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 
 class PeerFailure(RuntimeError):
@@ -61,6 +66,8 @@ class Liveness:
         self.peers: dict[int, dict] = {}
         self._last_seen: dict[int, float] = {}
         self.failure: str | None = None
+        self._failure_is_echo = False  # a peer only said it was terminated by a signal
+        self.on_failure = None  # called once, from the heartbeat thread, with the failure
         self.changed = threading.Condition()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -127,10 +134,14 @@ class Liveness:
         for r, ep in self._sub_endpoints.items():
             if r != self.rank:
                 sub.connect(ep)
+        monitor = sub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        by_endpoint = {ep: r for r, ep in self._sub_endpoints.items() if r != self.rank}
         poller = zmq.Poller()
         poller.register(sub, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         failed_at = None
+        reported = False
         next_beat = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
@@ -155,11 +166,21 @@ class Liveness:
                         self._receive(sub.recv(zmq.NOBLOCK))
                     except zmq.Again:
                         break
+            if monitor in ready:
+                self._disconnected(monitor, by_endpoint)
             self._find_dead(time.monotonic())
             if self.failure and failed_at is None:
                 failed_at = time.monotonic()
+            if self.failure and not reported and self.on_failure is not None:
+                reported = True
+                try:
+                    self.on_failure(self.failure)
+                except Exception as e:  # a report must never kill the heartbeats
+                    print(f"distflow: rank {self.rank}: on_failure: {e!r}", file=sys.stderr)
             if failed_at and time.monotonic() - failed_at > self.peer_timeout_s + 5:
                 self._watchdog_exit()
+        sub.disable_monitor()
+        monitor.close(linger=0)
         sub.close(linger=0)
         self._wake_rx.close(linger=0)
 
@@ -171,21 +192,45 @@ class Liveness:
         self._last_seen[r] = time.monotonic()
         with self.changed:
             self.peers[r] = hb
-            if hb["state"] == "failed" and not self.failure:
-                self.failure = (f"peer rank {r} (stage {hb['stage'] or '-'!s}, step {hb['step']}) "
-                                f"failed: {hb['reason']}")
+            if hb["state"] == "failed":
+                echo = hb["reason"].startswith("terminated by SIG")  # no cause of its own
+                self._set_failure(f"peer rank {r} (stage {hb['stage'] or '-'!s}, step {hb['step']}) "
+                                  f"failed: {hb['reason']}", echo)
             self.changed.notify_all()
+
+    def _set_failure(self, failure: str, echo: bool = False) -> None:
+        """Keep the first failure, unless it was only a peer's 'terminated by a signal'."""
+        if self.failure is None or (self._failure_is_echo and not echo):
+            self.failure, self._failure_is_echo = failure, echo
+
+    def _disconnected(self, monitor, by_endpoint: dict[str, int]) -> None:
+        """A peer's heartbeat connection closed: dead, unless it said done or failed."""
+        while True:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            r = by_endpoint.get(event["endpoint"].decode(errors="replace"))
+            if r is None or self.peers[r]["state"] in ("done", "failed"):
+                continue
+            p = self.peers[r]
+            with self.changed:
+                self._set_failure(f"peer rank {r} (last reported stage {p['stage'] or '-'}, step {p['step']}) died: "
+                                  "its connection closed without a goodbye (killed by a signal, "
+                                  "or crashed)")
+                self.changed.notify_all()
 
     def _find_dead(self, now: float) -> None:
         for r, seen in self._last_seen.items():
-            if self.failure:
+            if self.failure and not self._failure_is_echo:
                 return
             if self.peers[r]["state"] != "done" and now - seen > self.peer_timeout_s:
                 p = self.peers[r]
                 with self.changed:
-                    self.failure = (f"peer rank {r} (last in stage {p['stage'] or '-'}, step "
-                                    f"{p['step']}) sent no heartbeat for {now - seen:.1f} s "
-                                    f"(> transport.peer_timeout_s={self.peer_timeout_s}); presumed dead")
+                    self._set_failure(f"peer rank {r} (last reported stage {p['stage'] or '-'}, step "
+                                      f"{p['step']}) sent no heartbeat for {now - seen:.1f} s "
+                                      f"(> transport.peer_timeout_s={self.peer_timeout_s}); hung "
+                                      "or unreachable, presumed dead")
                     self.changed.notify_all()
 
     def _watchdog_exit(self) -> None:
