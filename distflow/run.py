@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import platform
 import sys
 from pathlib import Path
@@ -22,8 +23,9 @@ from distflow.placement import (Islands, Placement, plan_islands, plan_placement
 from distflow.runtime.affinity import pin_local_rank
 from distflow.runtime.exchange import plan_routes
 from distflow.runtime.progress import ProgressPrinter
-from distflow.runtime.rendezvous import (DistEnv, bind_host, exchange_endpoints,
-                                         init_collectives, new_process_groups)
+from distflow.runtime.rendezvous import (DistEnv, bind_host, exchange_endpoints, forget_secret,
+                                         init_collectives, new_process_groups, run_secret)
+from distflow.transport.auth import configured_secret
 
 EXIT_CONFIG, EXIT_FAILED = 2, 1
 
@@ -58,6 +60,8 @@ def prepare(path: str, args: list[str], world_size: int) -> tuple[Pipeline, RunC
     weight_sync_ranks(pipeline, placement)
     if pipeline.check:
         pipeline.check(cfg.params)
+    if cfg.transport.secret_file:
+        configured_secret(cfg.transport)  # readable and private, before any socket opens
     cfg.out = cfg.out or f"runs/{pipeline.name}"
     return pipeline, cfg, placement
 
@@ -79,7 +83,10 @@ def _write_run_json(out: Path, path: str, pipeline: Pipeline, cfg: RunConfig,
                                      for s in pipeline.stages}},
             "endpoints": {str(r): e for r, e in endpoints.items()}, "versions": _versions()}
     tmp = out / "run.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
+    tmp.unlink(missing_ok=True)
+    # owner-only: it lists every endpoint of the data plane
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as fh:
+        fh.write(json.dumps(info, indent=2))
     tmp.replace(out / "run.json")
 
 
@@ -118,10 +125,12 @@ def _run(path, env, pipeline, cfg, placement, out) -> int:
     islands = islands_of(pipeline, cfg, placement)
     sync_ranks = weight_sync_ranks(pipeline, placement)
     process_groups = new_process_groups(placement, islands, sync_ranks)
-    peer = Peer(env.rank, env.world_size, bind_host(env.master_addr), cfg.transport)
+    peer = Peer(env.rank, env.world_size, bind_host(env.master_addr), cfg.transport,
+                secret=run_secret(cfg.transport, env))
     worker = None
     try:
         endpoints = exchange_endpoints(env.rank, env.world_size, peer.endpoints)
+        forget_secret(env)
         peer.connect(endpoints)
         pin_local_rank(env.local_rank)  # CPU runs: each local rank on its own cores
         if env.rank == 0:
