@@ -323,6 +323,7 @@ def _fuzz(endpoints, corpus):
                 for frames in mine:
                     sock.send_multipart(frames)  # blocks (5 s max) while the peer's queue is full
                 sent += len(mine)
+                sock.close(linger=30_000)  # hand everything queued to the peer first
             sub = ctx.socket(zmq.XSUB)
             sub.setsockopt(zmq.LINGER, 0)
             creds.client(sub, sender, target)
@@ -333,8 +334,10 @@ def _fuzz(endpoints, corpus):
                 host, port = where.removeprefix("tcp://").rsplit(":", 1)
                 with socket.create_connection((host, int(port)), timeout=2) as raw:
                     raw.sendall(b"\xff" * 64 + b"GET / HTTP/1.1\r\n\r\n")
-    finally:
+        ctx.destroy(linger=0)  # the rest: raw, heartbeat and refused sockets
+    except BaseException:
         ctx.destroy(linger=0)
+        raise
     return sent
 
 
@@ -381,3 +384,20 @@ def test_fuzzed_frames_to_every_endpoint_are_rejected_and_the_run_is_unchanged(t
     for r in rows:  # the metric the run logs is what a clean run computes
         expect = float(want[f"sink_step{r['step']}_rank0.safetensors"]["y"].sum())
         assert r["sink/sum"] == pytest.approx(expect, rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_bare_torchrun_without_a_secret_warns_and_runs(tmp_path):
+    import subprocess
+    import sys
+
+    from harness import PIPELINES
+    env = {k: v for k, v in os.environ.items() if k != "DISTFLOW_SECRET"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", "-m", "distflow.run", str(PIPELINES / "linear.py"),
+                        f"out={tmp_path}", "steps=3"], env={**env, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stderr.count("no DISTFLOW_SECRET or transport.secret_file") == 1  # rank 0 only
+    assert [row["step"] for row in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1, 2]
