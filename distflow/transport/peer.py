@@ -37,7 +37,7 @@ from typing import Callable
 
 import zmq
 
-from distflow.config import TransportConfig
+from distflow.transport.config import TransportConfig
 from distflow.transport.auth import Credentials, ZapHandler, configured_secret, worth_logging
 from distflow.transport.heap import keep_large_buffers
 from distflow.transport.liveness import Liveness
