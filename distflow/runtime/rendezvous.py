@@ -29,6 +29,7 @@ class DistEnv:
     world_size: int
     local_rank: int
     master_addr: str
+    master_port: int
 
     @staticmethod
     def from_environ() -> "DistEnv":
@@ -37,7 +38,7 @@ class DistEnv:
                               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         env = os.environ
         return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
-                       env.get("MASTER_ADDR", "127.0.0.1"))
+                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)))
 
 
 def free_port() -> int:
