@@ -21,6 +21,7 @@ import datetime
 import json
 import os
 import platform
+import secrets
 import statistics
 import sys
 import time
@@ -108,6 +109,7 @@ def main() -> None:
     spec = {"sizes": [parse_size(s) for s in args.sizes.split(",")],
             "compute_ms": [float(c) for c in args.compute_ms.split(",")],
             "calls": args.calls, "block": args.block, "pin": not args.no_pin}
+    os.environ.setdefault("DISTFLOW_SECRET", secrets.token_hex(32))  # the Peers' shared secret
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     init_file = Path(args.out_dir) / f".allreduce-init-{os.getpid()}"

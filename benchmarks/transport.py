@@ -15,7 +15,9 @@ The transports:
 
 - ``distflow``: two ``Peer`` (world size 2); endpoints passed through the parent, not
   the torch.distributed store; ``send(..., step=None)`` so flow control stays out of
-  it; a fresh key per message;
+  it; a fresh key per message; authenticated (ZeroMQ PLAIN), as by default;
+- ``curve`` (with ``--curve``): the same with ``transport.encrypt=true`` (ZeroMQ CURVE:
+  every byte encrypted); its cost is the paired ratio ``curve/distflow``;
 - ``pyzmq``: a plain PAIR socket pair on the same kind of endpoint as distflow, ``send(memoryview, copy=False)`` and
   ``recv(copy=False)`` + ``torch.frombuffer`` (the best raw pyzmq does);
 - ``gloo``: ``dist.send`` / ``dist.recv`` into a preallocated tensor.
@@ -29,6 +31,7 @@ noise, as the median over repeats of the ratio of the two back-to-back trials.
     python benchmarks/transport.py                    # full run, < 3 min on 2 cores
     python benchmarks/transport.py --quick --out /tmp/t.json   # smoke test, < 30 s
     python benchmarks/transport.py --sizes 64K,1M,16M
+    python benchmarks/transport.py --curve            # also distflow with CURVE encryption
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import os
 import platform
+import secrets
 import statistics
 import sys
 import time
@@ -52,6 +56,7 @@ KiB, MiB = 1 << 10, 1 << 20
 SIZES = [1 * KiB, 4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB]
 QUICK_SIZES = [4 * KiB, 64 * KiB, 1 * MiB]
 TRANSPORTS = ("distflow", "pyzmq", "gloo")
+WITH_CURVE = ("distflow", "curve", "pyzmq", "gloo")
 RESULTS = Path(__file__).resolve().parent / "results"
 TRIAL_TIMEOUT_S = 120.0
 
@@ -90,12 +95,15 @@ def parse_size(s: str) -> int:
 # ``__init__`` exchanges addresses through the parent (``conn``): send yours, get both.
 
 class DistflowTransport:
+    encrypt = False
+
     def __init__(self, rank: int, conn, port: int):
         from distflow.config import TransportConfig
         from distflow.transport.peer import Peer
         from distflow.transport.wire import Message
         self.Message, self.rank, self.other = Message, rank, 1 - rank
-        self.peer = Peer(rank, 2, "127.0.0.1", TransportConfig(ipc=not _tcp_only()))
+        self.peer = Peer(rank, 2, "127.0.0.1", TransportConfig(ipc=not _tcp_only(),
+                                                               encrypt=self.encrypt))
         conn.send(self.peer.endpoints)
         self.peer.connect(conn.recv())
 
@@ -116,6 +124,10 @@ class DistflowTransport:
 
     def close(self) -> None:
         self.peer.close()
+
+
+class CurveTransport(DistflowTransport):
+    encrypt = True
 
 
 def _tcp_only() -> bool:
@@ -199,7 +211,8 @@ class GlooTransport:
         self.dist.destroy_process_group()
 
 
-IMPLS = {"distflow": DistflowTransport, "pyzmq": PyzmqTransport, "gloo": GlooTransport}
+IMPLS = {"distflow": DistflowTransport, "curve": CurveTransport, "pyzmq": PyzmqTransport,
+         "gloo": GlooTransport}
 
 
 def _payload(size: int):
@@ -368,18 +381,18 @@ def machine() -> dict:
             "python": platform.python_version()}
 
 
-def run(sizes: list[int], repeats: int, quick: bool) -> dict:
+def run(sizes: list[int], repeats: int, quick: bool, transports=TRANSPORTS) -> dict:
     ctx = mp.get_context("spawn")
-    pairs = {name: Pair(ctx, name) for name in TRANSPORTS}  # all start in parallel
+    pairs = {name: Pair(ctx, name) for name in transports}  # all start in parallel
     ok = False
     try:
         for pair in pairs.values():
             pair.connect()
-        thr = {t: {s: [] for s in sizes} for t in TRANSPORTS}
-        rtt = {t: {s: [] for s in sizes} for t in TRANSPORTS}
+        thr = {t: {s: [] for s in sizes} for t in transports}
+        rtt = {t: {s: [] for s in sizes} for t in transports}
         trial = 0
         for rep in range(repeats):
-            order = TRANSPORTS[rep % len(TRANSPORTS):] + TRANSPORTS[:rep % len(TRANSPORTS)]
+            order = transports[rep % len(transports):] + transports[:rep % len(transports)]
             for size in sizes:
                 k, n = stream_count(size, quick), pingpong_count(size, quick)
                 for name in order:
@@ -391,7 +404,7 @@ def run(sizes: list[int], repeats: int, quick: bool) -> dict:
                     rtt[name][size].append(statistics.median(times) * 1e6)
                 print(f"  repeat {rep + 1}/{repeats} {fmt_size(size):>7}: " + "  ".join(
                     f"{t} {thr[t][size][-1]:8.0f} MB/s {rtt[t][size][-1]:8.0f} us"
-                    for t in TRANSPORTS), flush=True)
+                    for t in transports), flush=True)
         ok = True
     finally:
         for pair in pairs.values():
@@ -400,7 +413,7 @@ def run(sizes: list[int], repeats: int, quick: bool) -> dict:
             else:  # a failed rank leaves its partner waiting: do not wait for it
                 pair.kill()
     results = {}
-    for t in TRANSPORTS:
+    for t in transports:
         results[t] = {str(s): {
             "throughput_MBps": max(thr[t][s]),
             "throughput_MBps_median": statistics.median(thr[t][s]),
@@ -413,10 +426,11 @@ def run(sizes: list[int], repeats: int, quick: bool) -> dict:
     return results
 
 
-def throughput_ratios(results: dict, size: int, other: str) -> tuple[float, float]:
-    """distflow / ``other``: of the best trials, and the median of the per-repeat ratios
+def throughput_ratios(results: dict, size: int, other: str,
+                      num: str = "distflow") -> tuple[float, float]:
+    """``num`` / ``other``: of the best trials, and the median of the per-repeat ratios
     (trials of one repeat ran back to back, so this pairs trials that saw the same noise)."""
-    a, b = results["distflow"][str(size)], results[other][str(size)]
+    a, b = results[num][str(size)], results[other][str(size)]
     paired = [x / y for x, y in zip(a["throughput_MBps_trials"], b["throughput_MBps_trials"])]
     return a["throughput_MBps"] / b["throughput_MBps"], statistics.median(paired)
 
@@ -433,6 +447,16 @@ def table(sizes: list[int], results: dict) -> str:
         lines.append(f"{fmt_size(s):>7} | {tp[0]:8.0f} {tp[1]:8.0f} {tp[2]:8.0f}      | "
                      f"      {zb:6.2f} {gb:7.2f} |         {zp:6.2f} {gp:7.2f} | "
                      f"{lat[0]:8.0f} {lat[1]:8.0f} {lat[2]:8.0f}")
+    if "curve" in results:
+        lines += ["", f"{'size':>7} | {'curve':>8} MB/s | curve/distflow best; paired | "
+                      f"curve/gloo best; paired | {'curve':>8} {'distflow':>8} RTT us"]
+        for s in sizes:
+            (db, dp), (gb, gp) = (throughput_ratios(results, s, o, "curve")
+                                  for o in ("distflow", "gloo"))
+            lines.append(f"{fmt_size(s):>7} | {results['curve'][str(s)]['throughput_MBps']:8.0f}      | "
+                         f"{db:19.2f}; {dp:6.2f} | {gb:15.2f}; {gp:6.2f} | "
+                         f"{results['curve'][str(s)]['rtt_us']:8.0f} "
+                         f"{results['distflow'][str(s)]['rtt_us']:8.0f}")
     return "\n".join(lines)
 
 
@@ -441,7 +465,7 @@ def plot(sizes: list[int], results: dict, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for t, m in zip(TRANSPORTS, "os^"):
+    for t, m in zip(results, "osv^"):
         a.plot(sizes, [results[t][str(s)]["throughput_MBps"] for s in sizes], marker=m, label=t)
         b.plot(sizes, [results[t][str(s)]["rtt_us"] for s in sizes], marker=m, label=t)
     for ax, ylabel in ((a, "one-way throughput (MB/s, best of trials)"),
@@ -470,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="distflow and raw pyzmq over TCP loopback (default: a local abstract "
                          "Unix socket where available, as distflow's Peer picks for a peer on "
                          "the same machine; gloo is TCP either way)")
+    ap.add_argument("--curve", action="store_true",
+                    help="also distflow with transport.encrypt=true (ZeroMQ CURVE)")
     ap.add_argument("--repeats", type=int, help="trials per transport and size (default 5, quick 1)")
     ap.add_argument("--out", type=Path, default=RESULTS / "transport.json",
                     help="JSON path; the PNG goes next to it with suffix .png")
@@ -487,7 +513,9 @@ def main(argv: list[str] | None = None) -> int:
 
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    results = run(sizes, repeats, args.quick)
+    # every Peer authenticates with the run's secret; the spawned workers inherit it
+    os.environ.setdefault("DISTFLOW_SECRET", secrets.token_hex(32))
+    results = run(sizes, repeats, args.quick, WITH_CURVE if args.curve else TRANSPORTS)
     elapsed = time.perf_counter() - t0
     info["loadavg_1min_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
 
@@ -498,6 +526,10 @@ def main(argv: list[str] | None = None) -> int:
         (zb, zp), (gb, gp) = throughput_ratios(results, s, "pyzmq"), throughput_ratios(results, s, "gloo")
         ratios[str(s)] = {"distflow/pyzmq": zb, "distflow/gloo": gb,
                           "distflow/pyzmq_paired_median": zp, "distflow/gloo_paired_median": gp}
+        if args.curve:
+            for other in ("distflow", "gloo"):
+                b, p = throughput_ratios(results, s, other, "curve")
+                ratios[str(s)].update({f"curve/{other}": b, f"curve/{other}_paired_median": p})
     doc = {
         "benchmark": "transport", "date": when, "command": command, "elapsed_s": round(elapsed, 1),
         "machine": {**info, "network": "loopback 127.0.0.1"},

@@ -6,17 +6,24 @@
     distflow export CHECKPOINT_DIR OUT_DIR [--dtype float32|bfloat16]
 
 ``run`` checks the pipeline and config in this process first (a mistake fails before any
-worker starts), then launches ``torchrun --standalone`` with N workers, and at the end
+worker starts), then launches ``torchrun`` with N workers on this machine, and at the end
 prints the run's headline figures, or one line naming the rank and stage that failed.
+It makes a fresh secret for the run's data plane (``DISTFLOW_SECRET`` in the workers'
+environment) unless one is set, and hosts torchrun's rendezvous store itself, on
+127.0.0.1 only (``torchrun --standalone`` listens on every interface).
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import re
+import secrets
+import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from distflow.runtime.faults import signal_name
@@ -28,18 +35,30 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
 
     overrides = [*overrides, *(f"steps={args.steps}" for _ in [0] if args.steps)]
     try:
-        pipeline = prepare(args.pipeline, overrides, args.nproc).pipeline
+        plan = prepare(args.pipeline, overrides, args.nproc)
+        pipeline, cfg = plan.pipeline, plan.config
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"distflow run: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     out = Path(args.out or f"runs/{pipeline.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+    store, port = _loopback_store()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={uuid.uuid4()}",
+           "--rdzv-conf=is_host=false", "--local-addr=127.0.0.1",
            f"--nproc_per_node={args.nproc}", f"--max-restarts={args.max_restarts}",
-           "-m", "distflow.run", args.pipeline, f"out={out}", *overrides]
+           "-m", "distflow.run", args.pipeline,
+           f"out={out}", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get(
-        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))}
-    rc, report = _call_teeing_stderr(cmd, env)
+        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc))),
+        # rank 0 hosts the workers' store on the rendezvous interface, not torchrun's agent
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    if not (os.environ.get("DISTFLOW_SECRET") or cfg.transport.secret_file):
+        env["DISTFLOW_SECRET"] = secrets.token_hex(32)
+    try:
+        rc, report = _call_teeing_stderr(cmd, env)
+    finally:
+        del store
     if rc != 0:
         print(f"distflow run failed: {root_cause(out, report) or f'torchrun exited with {rc}'}",
               file=sys.stderr)
@@ -68,6 +87,20 @@ def signal_death(report: str) -> tuple[int, int] | None:
     if m and int(m.group(2)) < 0:
         return int(m.group(1)), -int(m.group(2))
     return None
+
+
+def _loopback_store():
+    """torchrun's rendezvous store, hosted here and reachable from this machine only."""
+    import torch.distributed as dist
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)
+    port = sock.getsockname()[1]
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, multi_tenant=True,
+                          wait_for_workers=False, timeout=datetime.timedelta(seconds=300),
+                          master_listen_fd=sock.detach())
+    return store, port
 
 
 def _plan(args: argparse.Namespace, overrides: list[str]) -> int:

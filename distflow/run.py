@@ -30,8 +30,8 @@ from distflow.runtime.affinity import pin_local_rank
 from distflow.runtime.faults import SignalWatch, Terminated, dump_stacks, signal_name
 from distflow.runtime.plan import RunPlan, make_plan
 from distflow.runtime.progress import ProgressPrinter
-from distflow.runtime.rendezvous import (DistEnv, bind_host, exchange_endpoints,
-                                         init_collectives, new_process_groups)
+from distflow.runtime.rendezvous import (DistEnv, bind_host, exchange_endpoints, forget_secret,
+                                         init_collectives, new_process_groups, run_secret)
 from distflow.runtime.worker import Worker
 from distflow.transport.liveness import PeerFailure
 from distflow.transport.peer import Peer
@@ -58,7 +58,10 @@ def prepare(path: str, args: list[str], world_size: int) -> RunPlan:
     pipeline = load_pipeline(path)
     cfg = resolve(pipeline, parse_overrides(args))
     cfg.out = cfg.out or f"runs/{pipeline.name}"
-    return make_plan(pipeline, cfg, world_size)
+    plan = make_plan(pipeline, cfg, world_size)
+    if cfg.transport.secret_file:
+        configured_secret(cfg.transport)  # readable and private, before any socket opens
+    return plan
 
 
 def _versions() -> dict[str, str]:
@@ -76,7 +79,10 @@ def _write_run_json(out: Path, path: str, plan: RunPlan, endpoints: dict) -> Non
                                      for s in pipeline.stages}},
             "endpoints": {str(r): e for r, e in endpoints.items()}, "versions": _versions()}
     tmp = out / "run.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
+    tmp.unlink(missing_ok=True)
+    # owner-only: it lists every endpoint of the data plane
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as fh:
+        fh.write(json.dumps(info, indent=2))
     tmp.replace(out / "run.json")
 
 
@@ -110,15 +116,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(path: str, env: DistEnv, plan: RunPlan, out: Path) -> int:
     cfg = plan.config
-    peer = Peer(env.rank, env.world_size, bind_host(env.master_addr), cfg.transport)
-    state = {"worker": None}
+    state = {"worker": None, "peer": None}
     stage_of = lambda: state["worker"].current_stage if state["worker"] else "rendezvous"  # noqa: E731
     watch = SignalWatch(out, env.rank, grace_s=_signal_grace_s(cfg),
-                        on_stuck=lambda signum: _exit_stuck(env.rank, stage_of(), signum, peer, cfg, out))
-    peer.liveness.on_failure = lambda why: dump_stacks(out, env.rank, f"peer failure: {why}")
+                        on_stuck=lambda signum: _exit_stuck(env.rank, stage_of(), signum,
+                                                            state["peer"], cfg, out))
+    peer = None
     try:
         process_groups = _setup_collectives(env, plan)
+        # the secret may come through the store (bare torchrun without DISTFLOW_SECRET)
+        peer = state["peer"] = Peer(env.rank, env.world_size, bind_host(env.master_addr),
+                                    cfg.transport, secret=run_secret(cfg.transport, env))
+        peer.liveness.on_failure = lambda why: dump_stacks(out, env.rank, f"peer failure: {why}")
         endpoints = exchange_endpoints(env.rank, env.world_size, peer.endpoints)
+        forget_secret(env)
         peer.connect(endpoints)
         pin_local_rank(env.local_rank)  # CPU runs: each local rank on its own cores
         if env.rank == 0:
@@ -136,8 +147,9 @@ def _run(path: str, env: DistEnv, plan: RunPlan, out: Path) -> int:
         reason = _failure_reason(e, stage, peer, cfg)
         dump_stacks(out, env.rank, f"failed in stage {stage}: {reason}", e)
         _fail(env.rank, stage, reason, out)
-        peer.liveness.update(state="failed", reason=reason[:500])
-        peer.close(flush_s=2 * cfg.transport.heartbeat_s, failed=True)
+        if peer is not None:
+            peer.liveness.update(state="failed", reason=reason[:500])
+            peer.close(flush_s=2 * cfg.transport.heartbeat_s, failed=True)
         return EXIT_FAILED
     finally:
         if state["worker"]:
@@ -174,6 +186,8 @@ def _peer_cause(peer, wait_s: float) -> str | None:
     """The failure of a peer this rank knows of, waiting up to ``wait_s`` for one: a
     launcher SIGTERMs the survivors as soon as one worker dies, usually before they
     have noticed which one."""
+    if peer is None:
+        return None
     deadline = time.monotonic() + wait_s
     while peer.liveness.failure is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -198,11 +212,12 @@ def _failure_reason(e: BaseException, stage: str, peer, cfg) -> str:
 
 def _exit_stuck(rank: int, stage: str, signum: int, peer, cfg, out: Path) -> None:
     """The watcher thread's way out when the main thread cannot take a stop signal."""
-    cause = peer.liveness.failure
+    cause = peer.liveness.failure if peer is not None else None
     what = f"terminated by {signal_name(signum)} while stuck in stage {stage}"
     reason = f"PeerFailure: {cause} (then {what})" if cause else what
     _fail(rank, stage, reason, out)
-    peer.liveness.update(state="failed", reason=reason[:500])
+    if peer is not None:
+        peer.liveness.update(state="failed", reason=reason[:500])
     time.sleep(2 * cfg.transport.heartbeat_s)
     os._exit(EXIT_FAILED)
 

@@ -116,8 +116,9 @@ def test_transport_and_fault_keys():
 def test_unknown_nested_key_lists_section_keys(key, section):
     with pytest.raises(ConfigError, match=rf"unknown key '{key}'; {section}\.\* keys: \[") as info:
         resolve(make(), {key: "1"})
-    known = ["heartbeat_s", "ipc", "keep_large_buffers", "max_message_mb", "peer_all_reduce_mb",
-             "peer_timeout_s", "recv_timeout_s", "window"] \
+    known = ["encrypt", "heartbeat_s", "ipc", "keep_large_buffers", "max_message_mb",
+             "max_pending_mb", "peer_all_reduce_mb", "peer_timeout_s", "recv_timeout_s",
+             "secret_file", "window"] \
         if section == "transport" else ["mode", "rank", "stage", "step"]
     assert str(known) in str(info.value)
 
@@ -159,6 +160,7 @@ def test_unknown_key_in_pipeline_defaults_fails_too():
     ({"transport.recv_timeout_s": "0"}, r"recv_timeout_s and transport.max_message_mb must be > 0"),
     ({"transport.max_message_mb": "-1"}, r"recv_timeout_s and transport.max_message_mb must be > 0"),
     ({"routing": "bogus"}, r"routing must be 'p2p' or 'hub', got 'bogus'"),
+    ({"transport.max_pending_mb": "0"}, r"transport.max_pending_mb must be > 0, got 0.0"),
 ])
 def test_invalid_values(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern) as info:

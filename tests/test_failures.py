@@ -1,19 +1,16 @@
-"""Failure handling with real processes: a dead peer, a raising stage, hostile input.
+"""Failure handling with real processes: a dead peer, a raising stage (hostile input:
+test_security.py).
 
 Ranks are started as plain processes (``harness.spawn``), not under torchrun, whose agent
 would kill the survivors itself: here the runtime alone must notice and stop them.
 """
-import json
-import socket
 import subprocess
 import sys
 import time
 
-import msgpack
 import pytest
-import zmq
 
-from harness import PIPELINES, reference, sink_outputs, spawn
+from harness import PIPELINES, spawn
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 PEER_TIMEOUT = 2.0
@@ -87,57 +84,3 @@ def test_bad_config_fails_before_any_worker_starts(tmp_path):
     assert "group sizes a=1 + b=2 = 3 but WORLD_SIZE is 4" in r.stderr
     assert "torch.distributed" not in r.stderr and not (tmp_path / "run.json").exists()
     assert time.monotonic() - t0 < 30
-
-
-def _hostile_traffic(endpoint: str, hb_endpoint: str) -> None:
-    ctx = zmq.Context()
-    evil = ctx.socket(zmq.DEALER)
-    evil.setsockopt(zmq.ROUTING_ID, b"evil")
-    evil.connect(endpoint)
-    good_header = {"v": 1, "src": 0, "kind": "data", "key": [0, "x"], "meta": None,
-                   "tensors": [["a", "float32", [4], 16]]}
-    evil.send_multipart([b"\x00garbage not msgpack"])
-    evil.send_multipart([msgpack.packb({"v": 1}), b"1234"])  # wrong keys
-    evil.send_multipart([msgpack.packb(good_header)])  # truncated: tensor frame missing
-    evil.send_multipart([msgpack.packb(good_header), b"short"])  # frame size mismatch
-    evil.send_multipart([msgpack.packb(good_header), b"x" * 16])  # spoofed src (not r0)
-    evil.send_multipart([b"cos\nsystem\n(S'touch pwned'\ntR."])  # a pickle
-    anon = ctx.socket(zmq.DEALER)
-    anon.connect(endpoint)
-    anon.send_multipart([msgpack.packb({**good_header, "tensors": [["a", "evil", [1], 1]]}), b"x"])
-    time.sleep(0.5)
-    for ep in (endpoint, hb_endpoint):  # not even ZeroMQ: raw bytes on the TCP port
-        host, port = ep.removeprefix("tcp://").rsplit(":", 1)
-        with socket.create_connection((host, int(port)), timeout=2) as s:
-            s.sendall(b"\xff" * 64 + b"GET / HTTP/1.1\r\n\r\n")
-    evil.close(0)
-    anon.close(0)
-    ctx.term()
-
-
-def test_malformed_frames_are_rejected_and_the_run_completes(tmp_path):
-    steps = 12
-    procs = spawn(PIPELINES / "linear.py", 3, tmp_path, f"steps={steps}", "delay_s=0.1",
-                  "placement=split", "groups.a=1", "groups.b=2")
-    run_json = tmp_path / "run.json"
-    deadline = time.monotonic() + 60
-    while not run_json.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    endpoints = json.loads(run_json.read_text())["endpoints"]
-    for rank in ("0", "1"):
-        _hostile_traffic(endpoints[rank]["data"], endpoints[rank]["heartbeat"])
-    exits = _wait_all(procs, 120)
-    assert set(exits) == {0, 1, 2}
-    errs = [p.stderr.read() for p in procs]
-    assert [p.returncode for p in procs] == [0, 0, 0], errs
-    for rank in (0, 1):
-        assert errs[rank].count("rejected a message") >= 6, errs[rank]
-    assert "claims src 0" in errs[0] and "not valid msgpack" in errs[0]
-    assert not (tmp_path / "pwned").exists()
-    ref = tmp_path / "ref"
-    ref.mkdir()
-    reference(PIPELINES / "linear.py", steps, ref)
-    got, want = sink_outputs(tmp_path), sink_outputs(ref)
-    for name, tensors in want.items():
-        for k, v in tensors.items():
-            assert (got[name][k] == v).all(), (name, k)

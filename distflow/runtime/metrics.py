@@ -9,6 +9,7 @@ is averaged. When stages report ``count/tokens``, rank 0 adds verl's
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -44,6 +45,22 @@ def _reduce(per_rank: list[dict[str, float]]) -> dict[str, float]:
         else:
             out[k] = sum(vs) / len(vs)
     return out
+
+
+def checked_metrics(meta) -> tuple[dict[str, float], list[str]]:
+    """The finite numbers of one rank's report (they come off the wire), and a reason for
+    each entry left out."""
+    if not isinstance(meta, dict):
+        return {}, [f"report is {type(meta).__name__}, not a map of metrics"]
+    ok, bad = {}, []
+    for k, v in meta.items():
+        if not isinstance(k, str):
+            bad.append(f"key {k!r:.40} is not a string")
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            bad.append(f"{k[:80]}={v!r:.40} is not a finite number")
+        else:
+            ok[k] = v
+    return ok, bad
 
 
 class MetricsLog:

@@ -5,6 +5,7 @@ Every rank runs this same loop over the same deterministic plan; there is no dri
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import os
 import signal
@@ -24,11 +25,14 @@ from distflow.runtime.batch import Batch
 from distflow.runtime.collective import PeerAllReduce
 from distflow.runtime.context import StageContext
 from distflow.runtime.exchange import HUB, Exchange
-from distflow.runtime.metrics import MetricsLog, reduce_metrics
+from distflow.runtime.metrics import MetricsLog, checked_metrics, reduce_metrics
 from distflow.runtime.plan import RunPlan
 from distflow.transport.liveness import PeerFailure
 from distflow.transport.peer import Peer
 from distflow.transport.wire import Message
+
+
+log = logging.getLogger("distflow.worker")
 
 
 class StageError(RuntimeError):
@@ -175,6 +179,7 @@ class Worker:
                     self.exchange.forward(e, step)
         metrics["timing_s/step"] = time.perf_counter() - t_step
         metrics.update(self.exchange.take_counts())
+        metrics["count/rejected"] = self.peer.take_rejected()
         self.current_stage = "metrics"
         self.peer.liveness.update(progress=step)
         self.peer.send(HUB, Message(self.rank, "metrics", (step,), metrics), step=step)
@@ -242,7 +247,16 @@ class Worker:
 
     def _write_metrics(self, step: int) -> None:
         msgs = self.peer.recv("metrics", (step,), list(range(self.placement.world_size)))
-        reduced = reduce_metrics([m.meta for _, m in sorted(msgs.items()) if isinstance(m.meta, dict)])
+        reports, dropped = [], 0
+        for r, m in sorted(msgs.items()):
+            ok, bad = checked_metrics(m.meta)
+            if bad:
+                log.warning("rank %d dropped metrics of rank %d, step %d: %s", self.rank, r, step,
+                            "; ".join(bad[:5]))
+            reports.append(ok)
+            dropped += len(bad)
+        reduced = reduce_metrics(reports)
+        reduced["count/rejected"] = reduced.get("count/rejected", 0) + dropped
         self._metrics_log.write(step, reduced)
         if self.on_step:
             self.on_step(step, reduced)

@@ -24,6 +24,15 @@ class TransportConfig:
     keep_large_buffers: bool = True
     """glibc: serve large receive buffers from the heap and reuse them instead of a fresh,
     page-faulting mmap per message (2.5x at 64 MiB; see distflow/transport/heap.py)."""
+    secret_file: str = ""
+    """A file holding the run's shared secret (mode 600), when ``DISTFLOW_SECRET`` is not
+    set; every data and heartbeat connection authenticates with keys derived from it."""
+    encrypt: bool = False
+    """ZeroMQ CURVE on every data and heartbeat socket: encrypted, mutually authenticated
+    (default: authenticated only; see distflow/transport/auth.py and benchmarks/RESULTS.md)."""
+    max_pending_mb: float = 1024.0
+    """Memory held for one peer's received but not yet consumed messages; a message over
+    it is dropped (``count/rejected``) and a receive waiting for it fails."""
     peer_all_reduce_mb: float = 16.0
     """Data-parallel sums (gradients) of CPU tensors up to this size go over the data plane
     instead of gloo, in groups of 2 ranks, and of more (up to 8) while that sends at most
@@ -37,5 +46,7 @@ class TransportConfig:
             raise ConfigError(f"transport.window must be >= 1, got {self.window}")
         if self.recv_timeout_s <= 0 or self.max_message_mb <= 0:
             raise ConfigError("transport.recv_timeout_s and transport.max_message_mb must be > 0")
+        if self.max_pending_mb <= 0:
+            raise ConfigError(f"transport.max_pending_mb must be > 0, got {self.max_pending_mb}")
         if self.peer_all_reduce_mb < 0:
             raise ConfigError(f"transport.peer_all_reduce_mb must be >= 0, got {self.peer_all_reduce_mb}")

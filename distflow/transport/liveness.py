@@ -54,12 +54,13 @@ def _parse_heartbeat(raw: bytes, world_size: int) -> dict | None:
 
 class Liveness:
     def __init__(self, zctx: zmq.Context, rank: int, world_size: int, host: str,
-                 heartbeat_s: float, peer_timeout_s: float):
+                 heartbeat_s: float, peer_timeout_s: float, creds):
         self.rank, self.world_size = rank, world_size
         self.heartbeat_s, self.peer_timeout_s = heartbeat_s, peer_timeout_s
-        self._zctx = zctx
+        self._zctx, self._creds = zctx, creds  # transport.auth.Credentials
         self._pub = zctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 0)
+        creds.server(self._pub, rank)
         port = self._pub.bind_to_random_port(f"tcp://{host}")
         self.endpoint = f"tcp://{host}:{port}"
         self._me = {"rank": rank, "stage": "", "step": -1, "progress": -1, "state": "ok", "reason": ""}
@@ -133,6 +134,7 @@ class Liveness:
         sub.setsockopt(zmq.MAXMSGSIZE, 4096)
         for r, ep in self._sub_endpoints.items():
             if r != self.rank:
+                self._creds.client(sub, self.rank, r)
                 sub.connect(ep)
         monitor = sub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         by_endpoint = {ep: r for r, ep in self._sub_endpoints.items() if r != self.rank}

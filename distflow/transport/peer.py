@@ -1,7 +1,9 @@
 """The peer-to-peer data plane of one rank.
 
 Each rank binds one ROUTER socket for everything it receives and opens one DEALER per
-peer it sends to (identity ``r<rank>``, so a message's claimed source can be checked).
+peer it sends to. Every connection is authenticated with credentials derived from the
+run's secret (``distflow.transport.auth``); a message's claimed source must be the rank
+its connection authenticated as, never the receiver itself.
 The ROUTER listens on TCP and, on Linux, also on an abstract-namespace Unix socket; a
 peer in the same network namespace of the same boot connects over the Unix socket,
 which skips the TCP stack (1.3-2x the loopback throughput, see benchmarks/RESULTS.md),
@@ -17,8 +19,12 @@ Guarantees:
   finished iteration ``k - window``, so a fast producer can park at most ``window``
   iterations of data in a slow consumer's memory; ZeroMQ high-water marks bound the
   socket queues below that;
-- a malformed, truncated, spoofed or oversized message is dropped with a logged reason;
-  nothing received is ever unpickled or executed.
+- a malformed, truncated, spoofed or oversized message, one of a kind nobody receives
+  (``expect``), and one that would take the memory held for a peer's unconsumed
+  messages over ``transport.max_pending_mb`` is dropped with a logged reason;
+  ``rejected`` counts them and refused handshakes; a receive waiting for a message that
+  was dropped for the latter two reasons fails at once, saying why; nothing received is
+  ever unpickled or executed.
 """
 from __future__ import annotations
 
@@ -26,11 +32,13 @@ import logging
 import os
 import time
 import uuid
+from collections import OrderedDict
 from typing import Callable
 
 import zmq
 
 from distflow.transport.config import TransportConfig
+from distflow.transport.auth import Credentials, ZapHandler, configured_secret, worth_logging
 from distflow.transport.heap import keep_large_buffers
 from distflow.transport.liveness import Liveness
 from distflow.transport.wire import Limits, Message, WireError, decode, encode
@@ -38,11 +46,18 @@ from distflow.transport.wire import Limits, Message, WireError, decode, encode
 log = logging.getLogger("distflow.transport")
 
 _POLL_MS = 50
+KINDS = ("data", "hub", "costs", "metrics", "allreduce")
+"""Kinds of message the runtime sends; a peer accepts these and those it ``expect``s."""
+_DROPPED_KEPT = 256
 _POLLIN = int(zmq.POLLIN)  # plain int: bit tests on the enum cost more than the syscall
 
 
 class TransportTimeout(TimeoutError):
     pass
+
+
+class MessageRejected(RuntimeError):
+    """A message this rank waits for arrived but was dropped (the reason says why)."""
 
 
 def pick_endpoint(local_id: str, peer: dict[str, str]) -> str:
@@ -64,13 +79,21 @@ def local_id() -> str:
 
 
 class Peer:
-    def __init__(self, rank: int, world_size: int, host: str, cfg: TransportConfig):
+    """The data plane of rank ``rank``; ``secret`` (default: ``DISTFLOW_SECRET`` or
+    ``transport.secret_file``) is the run's shared secret, see ``transport.auth``."""
+
+    def __init__(self, rank: int, world_size: int, host: str, cfg: TransportConfig,
+                 secret: bytes | None = None):
         self.rank, self.world_size, self.cfg = rank, world_size, cfg
         self.limits = Limits(max_message_bytes=int(cfg.max_message_mb * (1 << 20)))
+        self.creds = Credentials(configured_secret(cfg) if secret is None else secret,
+                                 world_size, cfg.encrypt)
         if cfg.keep_large_buffers:  # before the context's I/O thread exists
             keep_large_buffers()
         self._zctx = zmq.Context()
+        self._zap = ZapHandler(self._zctx, self.creds, rank)
         self._router = self._zctx.socket(zmq.ROUTER)
+        self.creds.server(self._router, rank)
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.setsockopt(zmq.RCVHWM, 1000)
         self._router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
@@ -82,11 +105,32 @@ class Peer:
             self.ipc_endpoint = f"ipc://@distflow-{uuid.uuid4().hex}-r{rank}"
             self._router.bind(self.ipc_endpoint)
         self.liveness = Liveness(self._zctx, rank, world_size, host, cfg.heartbeat_s,
-                                 cfg.peer_timeout_s)
+                                 cfg.peer_timeout_s, self.creds)
         self._dealers: dict[int, zmq.Socket] = {}
         self._data_endpoints: dict[int, str] = {}
         self._mailbox: dict[tuple, Message] = {}
+        self._kinds = set(KINDS)
+        self._max_pending = int(cfg.max_pending_mb * (1 << 20))
+        self._pending: dict[int, int] = {}  # bytes of unconsumed messages per source rank
+        self._sizes: dict[tuple, int] = {}
+        self._dropped: OrderedDict[tuple, str] = OrderedDict()  # recent, genuine-source only
+        self._rejected = self._reported = 0
         self.bytes_sent = 0
+
+    @property
+    def rejected(self) -> int:
+        """Messages dropped plus handshakes refused, since start."""
+        return self._rejected + self._zap.denied
+
+    def take_rejected(self) -> int:
+        """Rejections since the last call (the ``count/rejected`` metric of a step)."""
+        now = self.rejected
+        new, self._reported = now - self._reported, now
+        return new
+
+    def expect(self, *kinds: str) -> None:
+        """Accept messages of these kinds too (the runtime's ``KINDS`` always are)."""
+        self._kinds.update(kinds)
 
     # -- set-up ---------------------------------------------------------------------
     @property
@@ -102,7 +146,7 @@ class Peer:
     def _dealer(self, dst: int) -> zmq.Socket:
         if dst not in self._dealers:
             s = self._zctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.ROUTING_ID, b"r%d" % self.rank)
+            self.creds.client(s, self.rank, dst)
             s.setsockopt(zmq.SNDHWM, 1000)
             s.setsockopt(zmq.LINGER, int(self.cfg.peer_timeout_s * 1000))
             s.connect(self._data_endpoints[dst])
@@ -158,15 +202,21 @@ class Peer:
     # -- receiving --------------------------------------------------------------------
     def recv(self, kind: str, key: tuple, srcs: list[int]) -> dict[int, Message]:
         """Exactly one message ``(kind, key)`` from each rank in ``srcs``."""
+        self._kinds.add(kind)
         want = {(kind, tuple(key), s) for s in srcs}
         got: dict[int, Message] = {}
         deadline = time.monotonic() + self.cfg.recv_timeout_s
         while True:
             for k in [k for k in want if k in self._mailbox]:
                 got[k[2]] = self._mailbox.pop(k)
+                self._pending[k[2]] = self._pending.get(k[2], 0) - self._sizes.pop(k, 0)
                 want.discard(k)
             if not want:
                 return got
+            for k in want:
+                if k in self._dropped:
+                    raise MessageRejected(f"rank {self.rank}: {kind} {tuple(key)} from rank "
+                                          f"{k[2]} arrived but was dropped: {self._dropped[k]}")
             self._wait_a_little(deadline, lambda: f"waiting for {kind} {tuple(key)} from ranks "
                                                   f"{sorted(k[2] for k in want)}")
 
@@ -189,18 +239,41 @@ class Peer:
             ready = self._router.get(zmq.EVENTS) & _POLLIN  # no exception when drained
 
     def _accept(self, frames: list) -> None:
-        identity = frames[0].bytes
+        sender = _user_id(frames[-1])  # the rank the connection authenticated as
         try:
+            if sender is None or sender == self.rank:
+                raise WireError(f"came from connection of unauthenticated user {sender!r}")
             msg = decode(frames[1:], self.limits)
-            if identity != b"r%d" % msg.src or not 0 <= msg.src < self.world_size:
-                raise WireError(f"claims src {msg.src} but came from connection {identity!r:.20}")
+            if msg.src != sender:
+                raise WireError(f"claims src {msg.src} but came from rank {sender}")
             slot = (msg.kind, msg.key, msg.src)
             if slot in self._mailbox:
                 raise WireError(f"duplicate message {slot}")
+            if msg.kind not in self._kinds:
+                raise self._drop(slot, f"kind {msg.kind!r} is not expected here")
+            size = sum(f.buffer.nbytes for f in frames[1:])
+            held = self._pending.get(sender, 0)
+            if held + size > self._max_pending:
+                raise self._drop(slot, f"{(held + size) / 2**20:.1f} MiB of unconsumed messages "
+                                       f"from rank {sender} would exceed transport.max_pending_mb="
+                                       f"{self.cfg.max_pending_mb}")
         except WireError as e:
-            log.warning("rank %d rejected a message: %s", self.rank, e)
+            self._rejected += 1
+            if worth_logging(self._rejected):
+                # a string, not the exception: its traceback holds the message's frames
+                log.warning("rank %d rejected a message (%d so far): %s", self.rank,
+                            self._rejected, str(e))
             return
         self._mailbox[slot] = msg
+        self._sizes[slot] = size
+        self._pending[sender] = held + size
+
+    def _drop(self, slot: tuple, reason: str) -> WireError:
+        """Remember why a genuine message was dropped, for the receive that waits for it."""
+        self._dropped[slot] = reason
+        while len(self._dropped) > _DROPPED_KEPT:
+            self._dropped.popitem(last=False)
+        return WireError(f"{slot[0]} {slot[1]!r:.80} from rank {slot[2]}: {reason}")
 
     def close(self, flush_s: float = 0.0, failed: bool = False) -> None:
         """Close sockets; unless ``failed``, queued sends get up to peer_timeout_s to leave."""
@@ -208,4 +281,14 @@ class Peer:
         for s in self._dealers.values():
             s.close(linger=0 if failed else None)
         self._router.close(linger=0)
+        self._zap.stop()
         self._zctx.term()
+
+
+def _user_id(frame) -> int | None:
+    """The rank a received frame's connection authenticated as (ZAP's user id)."""
+    try:
+        user = frame.get("User-Id")
+    except zmq.ZMQError:
+        return None
+    return int(user) if user and user.isdigit() else None
