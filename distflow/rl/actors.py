@@ -16,7 +16,7 @@ from distflow.engines.generation import InferenceEngine
 from distflow.engines.training import OptimConfig, TrainEngine
 from distflow.models import DecoderLM, ModelConfig, load_pretrained, load_tokenizer, preset
 from distflow.models.tokenizer import CharTokenizer
-from distflow.rl.tasks import get_task
+from distflow.rl.tasks import TEXT_ALPHABET, get_task
 
 _PROCESS: dict[str, object] = {}
 
@@ -28,14 +28,20 @@ def device_for(ctx) -> torch.device:
 
 
 def tokenizer(ctx):
-    """The checkpoint's ``tokenizer.json`` when ``model`` is a directory, else the task's."""
+    """The checkpoint's tokenizer when ``model`` is a directory, else a character-level
+    one: the task's alphabet, or printable ASCII when the prompts come from ``data=``."""
     if "tokenizer" not in _PROCESS:
-        model = ctx.params["model"]
-        if Path(model).is_dir():
-            _PROCESS["tokenizer"] = load_tokenizer(model)
-        else:
-            _PROCESS["tokenizer"] = CharTokenizer(get_task(ctx.params["task"]).alphabet)
+        _PROCESS["tokenizer"] = tokenizer_for(ctx.params)
     return _PROCESS["tokenizer"]
+
+
+def tokenizer_for(params: dict):
+    model = params["model"]
+    if Path(model).is_dir():
+        return load_tokenizer(model)
+    if params.get("data") or not params.get("task"):
+        return CharTokenizer(TEXT_ALPHABET)
+    return CharTokenizer(get_task(params["task"]).alphabet)
 
 
 def preset_config(name: str, tok) -> ModelConfig:
