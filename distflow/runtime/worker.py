@@ -92,6 +92,9 @@ class Worker:
     def run(self) -> None:
         self._stateful()  # build every stage (models, engines) before the first step
         start = self._resume() if self.cfg.resume else 0
+        if start:  # resumed: announce the checkpoint's step as done, or every producer would
+            # wait for consumers to finish steps before it (flow-control window) forever
+            self.peer.liveness.update(progress=start - 1)
         self._first_step = start
         self._lag = 1 + self.cfg.max_staleness
         for step in range(start, self.cfg.steps):
