@@ -115,6 +115,9 @@ class RunConfig:
     """Checkpoint every this many steps (0: only after the last step)."""
     resume: bool = False
     """Continue from the newest complete checkpoint in ``out``."""
+    logger: str = ""
+    """Besides metrics.jsonl: ``tensorboard``, ``wandb`` or both, comma-separated
+    (``distflow.loggers``)."""
     transport: TransportConfig = field(default_factory=TransportConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     diloco: DiLoCoRunConfig = field(default_factory=DiLoCoRunConfig)
@@ -131,6 +134,11 @@ class RunConfig:
                               f"max_staleness={self.max_staleness}")
         if self.save_every < 0:
             raise ConfigError(f"save_every must be >= 0, got {self.save_every}")
+        try:
+            from distflow.loggers import parse
+            parse(self.logger)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.routing not in ("p2p", "hub"):
             raise ConfigError(f"routing must be 'p2p' or 'hub', got {self.routing!r}")
 

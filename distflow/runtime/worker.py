@@ -49,7 +49,8 @@ class Worker:
                           if self.rank in placement.ranks(pipeline.stage(name).group)}
         self._callables: dict[str, Callable] = {}
         self.memory = MemoryPolicy(cfg.memory)
-        self._metrics_log = MetricsLog(out_dir / "metrics.jsonl") if self.rank == 0 else None
+        self._metrics_log = MetricsLog(out_dir / "metrics.jsonl", cfg.logger, pipeline.name,
+                                      cfg.to_dict()) if self.rank == 0 else None
 
     def _context(self, stage: Stage) -> StageContext:
         ranks = self.placement.ranks(stage.group)
