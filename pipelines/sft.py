@@ -19,5 +19,5 @@ pipeline = Pipeline("sft", [
     "model": "tiny", "data": "", "data.prompt_key": "prompt", "data.response_key": "response",
     "data.shuffle": True, "chat_template": False,
     "batch_size": 64, "seq_len": 256,
-    "lr": 1e-3, "weight_decay": 0.0, "grad_clip": 1.0, "micro_batch_tokens": 8192,
-}, defaults={"steps": 200}, check=check_sft_params)
+    "lr": 3e-3, "weight_decay": 0.0, "grad_clip": 1.0, "micro_batch_tokens": 8192,
+}, defaults={"steps": 400}, check=check_sft_params)
