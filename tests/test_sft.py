@@ -59,3 +59,22 @@ def test_examples_from_chat_messages_and_errors(tmp_path):
         check_sft_params({**params, "seq_len": 5})
     with pytest.raises(ValueError, match="sft needs data=PATH"):
         check_sft_params({**params, "data": ""})
+
+
+def test_sft_prompt_rendered_with_the_chat_template(tmp_path):
+    from test_data import TEMPLATE, _checkpoint
+
+    from distflow.data.chat import render_chat
+    from distflow.models import load_tokenizer
+    d = _checkpoint(tmp_path / "ckpt", in_config=True)
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"prompt": [{"role": "user", "content": "Hi"},
+                                        {"role": "assistant", "content": "there"}]}) + "\n")
+    params = {"model": str(d), "data": str(f), "data.prompt_key": "prompt", "data.response_key": "response",
+              "chat_template": True}
+    tok = load_tokenizer(d)
+    prompt, response = SFTExamples(params, tok).texts(0)
+    assert response == "there"
+    assert prompt == render_chat(TEMPLATE, [{"role": "user", "content": "Hi"}], True,
+                                 bos_token="<s>", eos_token="</s>")
+    assert prompt.startswith("<s><|user|>\nHi\n") and "<|assistant|>" in prompt
