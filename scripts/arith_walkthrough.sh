@@ -10,7 +10,7 @@ t0=$(date +%s)
 $PY -m distflow.cli run sft data=examples/arith/train.jsonl --out "$OUT/sft"
 t1=$(date +%s)
 $PY -m distflow.cli run grpo model="$OUT/sft/model" data=examples/arith/train.jsonl \
-    data.eval=examples/arith/heldout.jsonl eval_every=25 reward=math \
-    max_prompt_len=64 max_new_tokens=16 lr=5e-4 --steps 100 --out "$OUT/grpo"
+    data.eval=examples/arith/heldout.jsonl eval_every=20 reward=math \
+    max_prompt_len=64 max_new_tokens=16 lr=5e-4 --steps 60 --out "$OUT/grpo"
 t2=$(date +%s)
 echo "walkthrough: sft $((t1 - t0)) s, grpo $((t2 - t1)) s, total $((t2 - t0)) s"
