@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from distflow.algos import get_advantage, get_kl_estimator, get_policy_loss
-from distflow.models import ModelConfig
+from distflow.models import DecoderLM, ModelConfig
 from distflow.rl.actors import preset_config, tokenizer_for
 from distflow.rl.tasks import get_reward, get_task, reward_kind
 
@@ -30,7 +32,7 @@ def check_rl_params(params: dict) -> None:
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but model {model!r} has "
                          f"{cfg.vocab_size} embeddings")
-    if params.get("data"):
+    if params.get("data") or params.get("data.eval") or params.get("eval_every"):
         check_data_params(params, tok)
     elif task.max_prompt_len > params["max_prompt_len"]:
         raise ValueError(f"task {params['task']!r} has prompts of up to {task.max_prompt_len} "
@@ -43,18 +45,17 @@ def check_rl_params(params: dict) -> None:
     for key in ("prompts", "group_size", "ppo_epochs"):
         if params[key] < 1:
             raise ValueError(f"{key} must be >= 1, got {params[key]}")
+    from distflow.models.hf import resolve_dtype
+    resolve_dtype(params.get("dtype", "auto"))  # float32 | bfloat16 | auto
 
 
 def rl_model_params(params: dict) -> dict[str, int]:
     """Parameter counts of the policy, reference and critic (for ``distflow plan``)."""
-    from distflow.models import DecoderLM
-
     model = params["model"]
     if Path(model).is_dir():
         cfg = ModelConfig.from_pretrained(model)
     else:
         cfg = preset_config(model, tokenizer_for(params))
-    import torch
     with torch.device("meta"):
         n = DecoderLM(cfg).num_parameters()
     return {"policy": n, "reference": n, "critic": n + cfg.hidden_size + 1}
@@ -64,12 +65,14 @@ def check_data_params(params: dict, tok) -> None:
     """``data=`` / ``data.eval=``: readable, the columns exist, every prompt fits."""
     from distflow.data.prompts import PromptData
 
-    for key in ("data", "data.eval"):
-        if params.get(key):
-            PromptData(params, tok, params[key]).check_lengths(params["max_prompt_len"])
+    if params.get("data.eval") and not params.get("data"):
+        raise ValueError("data.eval needs data=PATH as well")
     if params.get("eval_every", 0) < 0:
         raise ValueError(f"eval_every must be >= 0, got {params['eval_every']}")
     if params.get("eval_every", 0) and not params.get("data.eval"):
         raise ValueError("eval_every needs data.eval=PATH (the held-out data set)")
-    if params.get("data.eval") and not params.get("data"):
-        raise ValueError("data.eval needs data=PATH as well")
+    if params.get("data.eval") and not params.get("eval_every"):
+        raise ValueError("data.eval needs eval_every=K (evaluate every K steps)")
+    for key in ("data", "data.eval"):
+        if params.get(key):
+            PromptData(params, tok, params[key]).check_lengths(params["max_prompt_len"])

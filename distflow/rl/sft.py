@@ -170,6 +170,7 @@ class SFTUpdate:
 
     def save_checkpoint(self, ctx, directory: Path) -> None:
         self.actor.train.save(directory, ctx.island)
+        actors.save_model_files(ctx, self.actor.train, directory)  # what `distflow export` reads
 
     def load_checkpoint(self, ctx, directory: Path) -> None:
         self.actor.train.load(directory, ctx.island)
