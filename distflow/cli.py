@@ -149,6 +149,14 @@ def _summarize(out: Path) -> None:
         last = sum(r["reward/mean"] for r in rows[-k:]) / k
         print(f"reward/mean: first {k} steps {first:.3f} -> last {k} steps {last:.3f} "
               f"({last - first:+.3f})")
+    evals = [r for r in rows if "eval/accuracy" in r]
+    if evals:
+        a, b = evals[0], evals[-1]
+        print(f"eval/accuracy (held-out, greedy): step {a['step']} {a['eval/accuracy']:.3f} -> "
+              f"step {b['step']} {b['eval/accuracy']:.3f} ({b['eval/accuracy'] - a['eval/accuracy']:+.3f})")
+    if rows and "sft/loss" in rows[0]:
+        print(f"sft/loss: step 0 {rows[0]['sft/loss']:.3f} -> step {rows[-1]['step']} "
+              f"{rows[-1]['sft/loss']:.3f}; model -> {out}/model")
 
 
 def _export(argv: list[str]) -> int:

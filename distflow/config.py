@@ -59,6 +59,9 @@ class RunConfig:
     nonfinite: str = "stop"
     """A non-finite loss or gradient: ``stop`` the run naming step and stage, or ``skip``
     that optimizer step (logged as ``nonfinite_skipped/<stage>``)."""
+    logger: str = ""
+    """Besides metrics.jsonl: ``tensorboard``, ``wandb`` or both, comma-separated
+    (``distflow.loggers``)."""
     transport: TransportConfig = field(default_factory=TransportConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)
@@ -81,6 +84,11 @@ class RunConfig:
             raise ConfigError(f"resume must be auto, true or false, got {self.resume!r}")
         if self.nonfinite not in ("stop", "skip"):
             raise ConfigError(f"nonfinite must be 'stop' or 'skip', got {self.nonfinite!r}")
+        try:
+            from distflow.loggers import parse
+            parse(self.logger)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.routing not in ("p2p", "hub"):
             raise ConfigError(f"routing must be 'p2p' or 'hub', got {self.routing!r}")
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from distflow.runtime.metrics import read_metrics
 
-_PREFERRED = ("reward/mean", "perf/throughput", "actor/pg_loss", "actor/kl", "critic/vf_loss",
+_PREFERRED = ("reward/mean", "eval/accuracy", "sft/loss", "perf/throughput", "actor/pg_loss", "actor/kl", "critic/vf_loss",
               "response_length/mean", "timing_s/step")
 
 

@@ -39,11 +39,39 @@ from distflow.transport.peer import Peer
 EXIT_CONFIG, EXIT_FAILED = 2, 1
 
 
-def load_pipeline(path: str) -> Pipeline:
-    """Import a pipeline file and return its module-level ``pipeline`` object."""
+def builtin_pipelines() -> dict[str, Path]:
+    """The pipelines shipped with the package (``distflow.pipelines``, the checkout's
+    top-level ``pipelines/``): name -> file."""
+    dirs = []
+    spec = importlib.util.find_spec("distflow.pipelines")
+    if spec is not None and spec.submodule_search_locations:
+        dirs += [Path(d) for d in spec.submodule_search_locations]
+    dirs.append(Path(__file__).resolve().parents[1] / "pipelines")  # a checkout, not reinstalled
+    found: dict[str, Path] = {}
+    for d in dirs:
+        for f in sorted(d.glob("*.py")) if d.is_dir() else []:
+            if not f.name.startswith("_"):
+                found.setdefault(f.stem, f)
+    return found
+
+
+def resolve_pipeline_path(path: str) -> Path:
+    """``path`` when it is a file, else a built-in pipeline's name (``grpo``, ``sft``, ...)."""
     file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"pipeline file {path!r} does not exist")
+    if file.is_file():
+        return file
+    builtin = builtin_pipelines()
+    name = path[:-3] if path.endswith(".py") else path
+    if "/" not in path and name in builtin:
+        return builtin[name]
+    raise FileNotFoundError(f"pipeline file {path!r} does not exist and is not a built-in "
+                            f"pipeline ({', '.join(sorted(builtin))})")
+
+
+def load_pipeline(path: str) -> Pipeline:
+    """Import a pipeline file (or a built-in pipeline by name) and return its
+    module-level ``pipeline`` object."""
+    file = resolve_pipeline_path(path)
     spec = importlib.util.spec_from_file_location(f"distflow_pipeline_{file.stem}", file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

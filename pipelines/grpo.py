@@ -20,6 +20,7 @@ after every update; ``max_staleness=1`` lets generation of step k+1 overlap trai
 step k (the clipped ratio uses the log-probs recorded at generation).
 """
 from distflow import Pipeline, Stage
+from distflow.data.prompts import DATA_PARAMS
 from distflow.rl.checks import check_rl_params, rl_model_params
 from distflow.rl.layouts import for_groups
 from distflow.rl.stages import ActorUpdate, Advantages, Prompts, RefLogprobs, Reward, Rollout
@@ -39,5 +40,6 @@ pipeline = Pipeline("grpo", [
     "advantage": "grpo", "policy_loss": "ppo_clip", "clip_eps": 0.2, "ppo_epochs": 1,
     "kl_loss": True, "kl_coef": 0.001, "kl_estimator": "low_var_kl",
     "lr": 3e-3, "weight_decay": 0.0, "grad_clip": 1.0, "micro_batch_tokens": 4096,
+    **DATA_PARAMS,  # data=PATH, data.prompt_key, data.answer_key, data.eval, eval_every, ...
 }, defaults={"steps": 100}, check=check_rl_params, model_params=rl_model_params,
     layouts=for_groups({"rollout", "actor", "ref", "reward"}), weight_sync=("actor", "rollout"))

@@ -14,6 +14,7 @@ values are independent branches: with ``interleaved`` placement the reference an
 models run on their own workers while the actor/critic workers compute values.
 """
 from distflow import Pipeline, Stage
+from distflow.data.prompts import DATA_PARAMS
 from distflow.rl.checks import check_rl_params, rl_model_params
 from distflow.rl.layouts import for_groups
 from distflow.rl.stages import (ActorUpdate, Advantages, CriticUpdate, Prompts, RefLogprobs,
@@ -38,7 +39,7 @@ pipeline = Pipeline("ppo", [
     "clip_eps": 0.2, "value_clip": 0.2, "ppo_epochs": 1,
     "kl_loss": False, "kl_coef": 0.01, "kl_estimator": "low_var_kl",
     "lr": 3e-3, "critic_lr": 3e-3, "weight_decay": 0.0, "grad_clip": 1.0,
-    "micro_batch_tokens": 4096,
+    "micro_batch_tokens": 4096, **DATA_PARAMS,
 }, defaults={"steps": 100}, check=check_rl_params, model_params=rl_model_params,
     layouts=for_groups({"rollout", "actor", "critic", "ref", "reward"}),
     weight_sync=("actor", "rollout"))

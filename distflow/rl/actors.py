@@ -20,7 +20,7 @@ from distflow.engines.training import OptimConfig, TrainEngine
 from distflow.models import (DecoderLM, ModelConfig, load_pretrained, load_tokenizer, preset,
                              save_pretrained)
 from distflow.models.tokenizer import CharTokenizer
-from distflow.rl.tasks import get_task
+from distflow.rl.tasks import TEXT_ALPHABET, get_task
 
 
 def default_device() -> torch.device:
@@ -29,14 +29,19 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _load_tokenizer(params: dict):
-    model = params["model"]
-    return load_tokenizer(model) if Path(model).is_dir() else CharTokenizer(get_task(params["task"]).alphabet)
-
-
 def tokenizer(ctx):
-    """The checkpoint's ``tokenizer.json`` when ``model`` is a directory, else the task's."""
-    return ctx.shared("tokenizer", lambda: _load_tokenizer(ctx.params))
+    """The checkpoint's tokenizer when ``model`` is a directory, else a character-level
+    one: the task's alphabet, or printable ASCII when the prompts come from ``data=``."""
+    return ctx.shared("tokenizer", lambda: tokenizer_for(ctx.params))
+
+
+def tokenizer_for(params: dict):
+    model = params["model"]
+    if Path(model).is_dir():
+        return load_tokenizer(model)
+    if params.get("data") or not params.get("task"):
+        return CharTokenizer(TEXT_ALPHABET)
+    return CharTokenizer(get_task(params["task"]).alphabet)
 
 
 def preset_config(name: str, tok) -> ModelConfig:

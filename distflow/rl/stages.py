@@ -26,7 +26,7 @@ from distflow.engines.sampling import SamplingParams
 from distflow.memory import MemoryConfig, MemoryPolicy, offload_module, onload_module
 from distflow.models.prefix import forward_distinct, forward_shared, shared_prefixes
 from distflow.rl import actors
-from distflow.rl.tasks import get_reward, get_task
+from distflow.rl.tasks import Scorer, get_task
 
 
 def model_inputs(batch: Batch, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -86,25 +86,52 @@ class _PhaseLocalModel:
 class Prompts:
     """Source: this rank's share of the step's prompts, each repeated ``group_size`` times.
 
-    The prompts of step k are a pure function of (seed, k): the loader's only state is
-    the step, which resume restores.
+    From a task (``task=``), the prompts of step k are a pure function of (seed, k). From a
+    data set (``data=PATH``), the step takes the next ``prompts`` rows of the per-epoch
+    shuffled stream (``distflow.data.Cursor``), whose position is saved in checkpoints; a
+    prompt's id is its stream position, and the ``data_row`` column (int64) carries each
+    sample's row index through the later stages (the reward looks its columns up).
     """
 
     def __init__(self, ctx):
-        self.task = get_task(ctx.params["task"])
         self.tok = actors.tokenizer(ctx)
+        self.data = self.cursor = None
+        if ctx.params.get("data"):
+            from distflow.data import Cursor
+            from distflow.data.prompts import PromptData
+            self.data = PromptData(ctx.params, self.tok)
+            self.cursor = Cursor(len(self.data), ctx.seed, ctx.params.get("data.shuffle", True))
+        else:
+            self.task = get_task(ctx.params["task"])
 
     def __call__(self, ctx):
         n, g = ctx.params["prompts"], ctx.params["group_size"]
-        texts = self.task.prompts(n, ctx.seed, ctx.step)
         mine = list(ctx.shard(n))
-        tokens, mask = left_pad([self.tok.encode(texts[i]) for i in mine], self.tok.pad_id,
-                                ctx.params["max_prompt_len"])
+        if self.data is None:
+            texts = self.task.prompts(n, ctx.seed, ctx.step)
+            encoded, first, rows = [self.tok.encode(texts[i]) for i in mine], ctx.step * n, None
+        else:
+            first, rows = self.cursor.take(n)
+            encoded = [self.data.tokens(rows[i]) for i in mine]
+        tokens, mask = left_pad(encoded, self.tok.pad_id, ctx.params["max_prompt_len"])
         tokens, mask = tokens.repeat_interleave(g, 0), mask.repeat_interleave(g, 0)
-        prompt_ids = torch.tensor(mine, dtype=torch.int64).repeat_interleave(g) + ctx.step * n
+        prompt_ids = torch.tensor(mine, dtype=torch.int64).repeat_interleave(g) + first
         ids = prompt_ids * g + torch.arange(g).repeat(len(mine))
-        return {"prompts": Batch({"prompts": tokens, "prompt_mask": mask}, ids,
-                                 mask.sum(1), groups=prompt_ids)}
+        columns = {"prompts": tokens, "prompt_mask": mask}
+        if rows is not None:
+            columns["data_row"] = torch.tensor([rows[i] for i in mine], dtype=torch.int64).repeat_interleave(g)
+            if ctx.dp_rank == 0:
+                ctx.log(**{"data/epoch": first // len(self.data)})
+        return {"prompts": Batch(columns, ids, mask.sum(1), groups=prompt_ids)}
+
+    def save_checkpoint(self, ctx, directory: Path) -> None:
+        """The data cursor (``data_state.json``); nothing without a data set."""
+        if self.cursor is not None and ctx.dp_rank == 0:
+            self.cursor.save(directory / "data_state.json", self.data.dataset.fingerprint())
+
+    def load_checkpoint(self, ctx, directory: Path) -> None:
+        if self.cursor is not None:
+            self.cursor.load(directory / "data_state.json", self.data.dataset.fingerprint())
 
 
 # -- generation ----------------------------------------------------------------------------
@@ -124,6 +151,7 @@ class Rollout:
                                        top_k=p["top_k"], max_new_tokens=p["max_new_tokens"])
         self.sync = ctx.weight_sync
         self.infer = actors.policy_copy(ctx) if self.sync else actors.policy_inference(ctx)
+        self.evaluator = Evaluator(ctx, self.infer) if p.get("eval_every") else None
         context = self.infer.model.config.max_position_embeddings
         if p["max_prompt_len"] + p["max_new_tokens"] > context:
             raise ValueError(f"max_prompt_len={p['max_prompt_len']} + max_new_tokens="
@@ -142,6 +170,8 @@ class Rollout:
 
     def __call__(self, ctx, prompts: Batch):
         version = self._refresh(ctx)
+        if self.evaluator is not None and self.evaluator.due(ctx):
+            self.evaluator(ctx)
         # each sample's randomness depends on (seed, sample id) only: any placement, any
         # number of workers, the same responses
         row_seeds = prompts.sample_ids + ctx.seed * 1_000_000_007
@@ -166,25 +196,86 @@ class Rollout:
             self.sync.resume(self.infer.model, ctx.step)
 
 
+class Evaluator:
+    """``data.eval=PATH`` + ``eval_every=K``: at step 0, every K steps and the last step,
+    the policy that generates that step answers every held-out prompt greedily (each
+    rank of the rollout group its shard), scored by the run's ``reward``. Logs
+    ``eval/reward/mean`` and ``eval/accuracy`` (the fraction with reward >= 1), weighted by
+    samples over ranks."""
+
+    CHUNK = 256  # prompts generated at once
+
+    def __init__(self, ctx, infer):
+        from distflow.data.prompts import PromptData
+        p = ctx.params
+        self.every, self.infer = p["eval_every"], infer
+        self.data = PromptData(p, actors.tokenizer(ctx), p["data.eval"])
+        self.scorer = Scorer(p["reward"])
+        self.texts = TextDecoder(actors.tokenizer(ctx))
+        self.sampling = SamplingParams(temperature=0.0, max_new_tokens=p["max_new_tokens"])
+
+    def due(self, ctx) -> bool:
+        return ctx.step % self.every == 0 or ctx.step == ctx.steps - 1
+
+    def __call__(self, ctx) -> None:
+        t0, rewards = time.perf_counter(), []
+        mine = list(ctx.shard(len(self.data)))
+        for lo in range(0, len(mine), self.CHUNK):
+            rows = mine[lo:lo + self.CHUNK]
+            tokens, mask = left_pad([self.data.tokens(i) for i in rows], self.infer.pad_id,
+                                    ctx.params["max_prompt_len"])
+            out = self.infer.generate_padded(tokens, mask, self.sampling)
+            batch = Batch({"prompts": tokens, "prompt_mask": mask, "responses": out.responses,
+                           "response_mask": out.response_mask,
+                           "data_row": torch.tensor(rows, dtype=torch.int64)},
+                          torch.tensor(rows, dtype=torch.int64))
+            rewards += score_rollouts(self.scorer, self.texts, self.data.dataset, batch)
+        r = torch.tensor(rewards, dtype=torch.float32)
+        if len(r):
+            ctx.log_mean(len(r), **{"eval/reward/mean": r.mean(), "eval/accuracy": (r >= 1.0).float().mean()})
+        ctx.log(**{"timing_s/eval": time.perf_counter() - t0})
+
+
 # -- scoring -------------------------------------------------------------------------------
 class Reward:
-    """The reward slot: the rule-based ``reward`` of each (prompt, completion) text, or,
-    when ``reward_model=DIR`` is set, the neural ``RewardModel``."""
+    """The reward slot: the rule-based ``reward`` of each sample, or, when
+    ``reward_model=DIR`` is set, the neural ``RewardModel``.
+
+    With a data set, the reward sees the sample's data row (every column, looked up by
+    the ``data_row`` column) as well as the prompt and completion texts; see
+    ``distflow.rl.tasks`` for the three signatures it accepts."""
 
     def __new__(cls, ctx):
         if ctx.params.get("reward_model"):
             return RewardModel(ctx)
         return super().__new__(cls)
 
+    def __init__(self, ctx):
+        self.scorer = Scorer(ctx.params["reward"])
+        self.texts = TextDecoder(actors.tokenizer(ctx))
+        self.dataset = None
+        if ctx.params.get("data"):
+            from distflow.data import Dataset
+            self.dataset = Dataset(ctx.params["data"], ctx.params.get("data.prompt_key", "prompt"),
+                                   ctx.params.get("data.answer_key", ""))
+
+    def __call__(self, ctx, rollouts: Batch):
+        rewards = torch.tensor(score_rollouts(self.scorer, self.texts, self.dataset, rollouts),
+                               dtype=torch.float32)
+        ctx.log_mean(len(rewards), **{"reward/mean": rewards.mean()})
+        return {"scored": rollouts.only(rewards=rewards)}
+
+
+class TextDecoder:
+    """The text of each row's real tokens (EOS left out); decoded once per distinct row."""
+
     _CACHE_ROWS = 1 << 16
 
-    def __init__(self, ctx):
-        self.fn = get_reward(ctx.params["reward"])
-        self.tok = actors.tokenizer(ctx)
+    def __init__(self, tok):
+        self.tok = tok
         self._decoded: dict[tuple, str] = {}  # token rows seen before (a group repeats its prompt)
 
-    def _texts(self, tokens: torch.Tensor, mask: torch.Tensor) -> list[str]:
-        """The text of each row's real tokens (EOS left out); decoded once per distinct row."""
+    def __call__(self, tokens: torch.Tensor, mask: torch.Tensor) -> list[str]:
         if len(self._decoded) > self._CACHE_ROWS:
             self._decoded.clear()
         rows = torch.where(mask.bool() & (tokens != self.tok.eos_id), tokens, -1).tolist()
@@ -196,20 +287,18 @@ class Reward:
             texts.append(text)
         return texts
 
-    def __call__(self, ctx, rollouts: Batch):
-        rewards = [0.0] * len(rollouts)
-        prompts = self._texts(rollouts["prompts"], rollouts["prompt_mask"])
-        completions = self._texts(rollouts["responses"], rollouts["response_mask"])
-        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-            try:
-                rewards[i] = float(self.fn(prompt, completion))
-            except Exception as e:
-                raise ValueError(f"reward function {ctx.params['reward']!r} raised on sample "
-                                 f"{int(rollouts.sample_ids[i])} (prompt {prompt!r}, completion "
-                                 f"{completion!r}): {type(e).__name__}: {e}") from e
-        rewards = torch.tensor(rewards, dtype=torch.float32)
-        ctx.log_mean(len(rewards), **{"reward/mean": rewards.mean()})
-        return {"scored": rollouts.only(rewards=rewards)}
+
+def score_rollouts(scorer: Scorer, texts: TextDecoder, dataset, rollouts: Batch) -> list[float]:
+    """Rewards of a batch of rollouts: texts decoded, data rows looked up by ``data_row``."""
+    prompts = texts(rollouts["prompts"], rollouts["prompt_mask"])
+    completions = texts(rollouts["responses"], rollouts["response_mask"])
+    if dataset is not None and "data_row" in rollouts:
+        index = rollouts["data_row"].tolist()
+        rows = [dataset.rows[i] for i in index]
+        answers = [dataset.answer(i) for i in index]
+    else:
+        rows, answers = [None] * len(prompts), [None] * len(prompts)
+    return scorer.score(prompts, completions, rows, answers, rollouts.sample_ids.tolist())
 
 
 class RewardModel(_PhaseLocalModel):

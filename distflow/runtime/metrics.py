@@ -64,18 +64,18 @@ def checked_metrics(meta) -> tuple[dict[str, float], list[str]]:
 
 
 class MetricsLog:
-    """``metrics.jsonl``, and TensorBoard event files when tensorboard is installed."""
+    """``metrics.jsonl``, plus the loggers named by ``logger=`` (``distflow.loggers``)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, loggers: str = "", name: str = "distflow", config: dict | None = None):
+        from distflow.loggers import make_loggers
         self.path = path
         self._fh = open(path, "a", buffering=1)
-        self._tb = _tensorboard(path.parent / "tensorboard")
+        self._loggers = make_loggers(loggers, path.parent, name, config)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         self._fh.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self._tb:
-            for k, v in metrics.items():
-                self._tb.add_scalar(k, v, step)
+        for logger in self._loggers:
+            logger.log(step, metrics)
 
     def sync(self) -> None:
         """Flush the rows written so far to disk (before a checkpoint is committed)."""
@@ -93,16 +93,8 @@ class MetricsLog:
 
     def close(self) -> None:
         self._fh.close()
-        if self._tb:
-            self._tb.close()
-
-
-def _tensorboard(log_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # optional: only when the tensorboard package is installed
-        return None
-    return SummaryWriter(str(log_dir))
+        for logger in self._loggers:
+            logger.close()
 
 
 def read_metrics(path: Path | str) -> list[dict]:

@@ -58,7 +58,8 @@ class Worker:
                           if self.rank in self.placement.ranks(self.pipeline.stage(name).group)}
         self._callables: dict[str, Callable] = {}
         self.memory = MemoryPolicy(self.cfg.memory)
-        self._metrics_log = MetricsLog(self.out_dir / "metrics.jsonl") if self.rank == 0 else None
+        self._metrics_log = MetricsLog(self.out_dir / "metrics.jsonl", self.cfg.logger, self.pipeline.name,
+                                      self.cfg.to_dict()) if self.rank == 0 else None
 
     # -- what a stage sees ----------------------------------------------------------------
     def _context(self, stage: Stage) -> StageContext:
