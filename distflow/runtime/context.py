@@ -36,6 +36,8 @@ class StageContext:
     weight_sync: Any = None
     """With disaggregated placement, on trainer and rollout stages: the ``WeightSync``."""
     max_staleness: int = 0
+    streams: Any = None
+    """``Streams``: microbatches sent along an edge inside one step (see runtime/stream.py)."""
     step: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
 

@@ -23,6 +23,7 @@ from distflow.runtime.collective import PeerAllReduce
 from distflow.runtime.context import StageContext
 from distflow.runtime.exchange import HUB, Exchange, plan_routes
 from distflow.runtime.metrics import MetricsLog, reduce_metrics
+from distflow.runtime.stream import Streams
 from distflow.transport.liveness import PeerFailure
 from distflow.transport.peer import Peer
 from distflow.transport.wire import Message
@@ -45,6 +46,7 @@ class Worker:
         self.current_stage = ""
         self.on_step = on_step
         self._reducers: dict[tuple[int, ...], PeerAllReduce] = {}
+        self.streams = Streams(peer, placement.groups)
         self._contexts = {name: self._context(pipeline.stage(name)) for name in pipeline.order
                           if self.rank in placement.ranks(pipeline.stage(name).group)}
         self._callables: dict[str, Callable] = {}
@@ -58,6 +60,7 @@ class Worker:
                            dp_rank, dp_size, self.cfg.params, self.cfg.seed, self.out_dir,
                            self.process_groups.get(stage.group), steps=self.cfg.steps)
         ctx.max_staleness = self.cfg.max_staleness
+        ctx.streams = self.streams
         if self.sync_ranks is not None and stage.group in self.pipeline.weight_sync:
             from distflow.engines.weight_sync import WeightSync
             record = self.out_dir / "weights" if self.cfg.verify_weights else None
