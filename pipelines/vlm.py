@@ -63,7 +63,7 @@ from safetensors.torch import load_model, save_model
 
 from distflow import Batch, Pipeline, Stage
 from distflow.checkpoint import load_optimizer, save_optimizer
-from distflow.models.vlm import build_vlm, pad_images, valid_tokens, vlm_loss
+from distflow.models.vlm import build_vlm, pad_images, vlm_loss
 from distflow.multimodal import digits as D
 from distflow.multimodal.plan import MAX_IMAGES, REORDER, Plan, plan_step, sample_costs
 
@@ -279,7 +279,7 @@ class _TowerSide:
         secs = p["cost_enc"] * float(patches.lengths.sum())
         with _busy(ctx, "encoder", secs):
             if p["emulate"]:
-                return torch.zeros(len(patches), D.MAX_PATCHES, p["hidden"], requires_grad=grad)
+                return torch.zeros(len(patches), p["hidden"], requires_grad=grad)
             with torch.set_grad_enabled(grad):
                 return self.tower(patches["patches"], patches["count"])
 
@@ -296,8 +296,8 @@ def _encode_and_send(ctx, side: _TowerSide, plan: Plan, i: int, mb, edge_in: str
     dst = torch.tensor([llm_of[int(x)] for x in sample])
     for d in sorted(set(dst.tolist())):
         rows = torch.nonzero(dst == d).flatten()
-        s.send(edge_out, ctx.step, i, d, Batch({"tokens": out[rows], "count": patches["count"][rows]},
-                                              patches.sample_ids[rows], patches.lengths[rows]))
+        s.send(edge_out, ctx.step, i, d, Batch({"tokens": out[rows]}, patches.sample_ids[rows],
+                                              patches.lengths[rows]))
     return out, dst
 
 
@@ -393,7 +393,7 @@ def _forward(ctx, llm, text: Batch, img: Batch, perm: torch.Tensor, grad: bool):
     t = int(text.lengths.max())
     ids, targets = text["ids"][:, :t], text["targets"][:, :t]
     key_mask = torch.arange(t)[None, :] < text.lengths[:, None]
-    loss, exact = vlm_loss(llm, ids, targets, key_mask, D.IMAGE, valid_tokens(tokens, img["count"][perm]))
+    loss, exact = vlm_loss(llm, ids, targets, key_mask, D.IMAGE, tokens)
     return tokens, loss, exact
 
 
@@ -501,12 +501,10 @@ def check(p: dict) -> None:
         raise ValueError(f"reorder must be one of {list(REORDER)}, got {p['reorder']!r}")
     if not 1 <= p["max_images"] <= MAX_IMAGES:
         raise ValueError(f"max_images must be in [1, {MAX_IMAGES}], got {p['max_images']}")
-    worst = 1 + p["max_images"] * D.MAX_PATCHES + max(len(q) for q in D.QUESTIONS) + \
-        (2 * p["max_images"] - 1) + 1
+    worst = 1 + p["max_images"] + max(len(q) for q in D.QUESTIONS) + (2 * p["max_images"] - 1) + 1
     if worst > p["context"]:
         raise ValueError(f"a sample with max_images={p['max_images']} images needs up to {worst} "
-                         f"tokens ({p['max_images']} x {D.MAX_PATCHES} image tokens + text) but "
-                         f"context={p['context']}")
+                         f"tokens ({p['max_images']} image tokens + text) but context={p['context']}")
     if p["batch"] < 1 or not 1 <= p["microbatches"] <= p["batch"]:
         raise ValueError(f"need batch >= 1 and 1 <= microbatches <= batch, got batch={p['batch']} "
                          f"microbatches={p['microbatches']}")
@@ -518,7 +516,7 @@ pipeline = Pipeline("vlm", [
     Stage("llm", LLM, group="llm"),
     Stage("encode_bwd", EncodeBwd, group="encoder"),
     Stage("evaluate", Evaluate, group="llm"),
-], params={"batch": 32, "microbatches": 4, "max_images": 8, "context": 128, "enc_dim": 64,
+], params={"batch": 32, "microbatches": 4, "max_images": 8, "context": 64, "enc_dim": 64,
            "enc_layers": 2, "hidden": 64, "layers": 2, "lr": 3e-3, "weight_decay": 0.0,
            "grad_clip": 1.0, "reorder": "none", "eval_every": 50, "eval_samples": 256,
            "emulate": False, "cost_pre": 1e-3, "cost_enc": 1e-4, "cost_llm": 1e-4,

@@ -1,13 +1,18 @@
 """A small vision-language model in the LLaVA layout: a ViT-style patch encoder, an MLP
 projector into the LLM's hidden size, and the decoder LM (``DecoderLM``) reading the
-projected patch embeddings at the ``IMAGE`` placeholder tokens of its input sequence.
+projected image embeddings at the ``IMAGE`` placeholder tokens of its input sequence.
 
 The two halves are separate modules so they can live on different workers:
 ``VisionTower`` (encoder + projector) maps padded image patches ``[n_images, P, patch_dim]``
-to image tokens ``[n_images, P, hidden]``; ``vlm_loss`` takes token ids plus the valid
-image tokens (row-major: sample, image, patch) and scatters them into the embedded
-sequence. The gradient of the loss w.r.t. the image tokens is all the encoder side needs
-for its backward (``torch.autograd.backward(tokens, grad)``).
+(1-9 real patches per image, attention within an image) to one image token per image,
+``[n_images, hidden]`` (its patch embeddings, zero-padded to ``max_patches`` and
+flattened, projected: a one-token resampler. With one token per patch a 2-layer LLM did
+not learn to find image ``k`` in 600 steps on this data; mean-pooled patches kept too
+little of the digit at initialisation, 65% linearly separable against 97% for the
+pixels, and the LLM never started reading them); ``vlm_loss`` takes token ids plus the image tokens (sample by
+sample, image by image) and scatters them into the embedded sequence. The gradient of
+the loss w.r.t. the image tokens is all the encoder side needs for its backward
+(``torch.autograd.backward(tokens, grad)``).
 """
 from __future__ import annotations
 
@@ -49,10 +54,13 @@ class VisionTower(nn.Module):
         self.pos = nn.Parameter(torch.randn(max_patches, dim) * 0.02)
         self.blocks = nn.ModuleList(EncoderBlock(dim, heads) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
-        self.proj = nn.Sequential(nn.Linear(dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+        # the final LayerNorm gives image tokens unit RMS, so the LLM's residual stream
+        # keeps them above the blocks' updates (without it a 2-layer LLM ignored them)
+        self.proj = nn.Sequential(nn.Linear(max_patches * dim, out_dim), nn.GELU(),
+                                  nn.Linear(out_dim, out_dim), nn.LayerNorm(out_dim))
 
     def forward(self, patches: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """patches [n, P, patch_dim] (rows past ``counts`` are padding) -> [n, P, out_dim]."""
+        """patches [n, P, patch_dim] (rows past ``counts`` are padding) -> [n, out_dim]."""
         n, p, _ = patches.shape
         if p > self.max_patches:
             raise ValueError(f"images have {p} patches, the encoder takes at most {self.max_patches}")
@@ -60,12 +68,10 @@ class VisionTower(nn.Module):
         x = self.embed(patches) + self.pos[:p]
         for block in self.blocks:
             x = block(x, mask)
-        return self.proj(self.norm(x))
-
-
-def valid_tokens(tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """[n, P, H] padded image tokens -> [sum(counts), H] (image by image, patch by patch)."""
-    return tokens[torch.arange(tokens.shape[1])[None, :] < counts[:, None]]
+        x = self.norm(x) * mask[..., None]  # padding patches are zero
+        if p < self.max_patches:
+            x = F.pad(x, (0, 0, 0, self.max_patches - p))
+        return self.proj(x.reshape(n, -1))
 
 
 def pad_images(patches: list[torch.Tensor], max_patches: int) -> tuple[torch.Tensor, torch.Tensor]:

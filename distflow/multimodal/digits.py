@@ -26,7 +26,8 @@ without rendering anything, so every rank can plan a step from metadata alone.
 Preprocessing (``decode_pgm`` -> ``resize_square`` -> ``patchify``; ``tokenize``): an
 image is decoded (a corrupt file is an error naming the sample), resized to the nearest
 side in ``{8, 16, 24}`` (1, 4 or 9 patches of 8x8 pixels) and cut into patches; text is
-bytes plus special tokens, with one ``IMAGE`` placeholder token per image patch.
+bytes plus special tokens, with one ``IMAGE`` placeholder token per image (the tower
+turns an image's 1-9 patches into one token).
 """
 from __future__ import annotations
 
@@ -79,13 +80,13 @@ class SampleSpec:
 
     @property
     def patches(self) -> tuple[int, ...]:
-        """Patches per image after preprocessing (= image tokens in the sequence)."""
+        """Patches per image after preprocessing (the encoder's work)."""
         return tuple((resized_side(s) // PATCH) ** 2 for s in self.sides)
 
     @property
     def seq_len(self) -> int:
-        """Tokens: BOS + image tokens + prompt + answer + EOS."""
-        return 1 + sum(self.patches) + len(self.prompt) + len(self.answer) + 1
+        """Tokens: BOS + one token per image + prompt + answer + EOS."""
+        return 1 + len(self.digits) + len(self.prompt) + len(self.answer) + 1
 
     @property
     def answer_tokens(self) -> int:
@@ -117,11 +118,11 @@ def render(s: SampleSpec, k: int) -> bytes:
     glyph = _GLYPHS[s.digits[k]]
     if float(torch.rand((), generator=g)) < 0.5:  # thicker stroke
         glyph = F.max_pool2d(glyph[None, None], (1, 2), stride=1, padding=(0, 1))[0, 0, :, :5]
-    scale = side / 9.0 * (0.8 + 0.2 * float(torch.rand((), generator=g)))
+    frac = 0.6 + 0.25 * float(torch.rand((), generator=g))  # glyph height / canvas side
     shear = (float(torch.rand((), generator=g)) - 0.5) * 0.5
-    shift = (torch.rand(2, generator=g) - 0.5) * 0.2
-    theta = torch.tensor([[1.0 / scale * 9.0 / side * 2.2, shear, float(shift[0])],
-                          [0.0, 1.0 / scale * 9.0 / side * 1.6, float(shift[1])]])
+    shift = (torch.rand(2, generator=g) - 0.5) * 0.3
+    theta = torch.tensor([[7.0 / (5.0 * frac), shear, float(shift[0])],
+                          [0.0, 1.0 / frac, float(shift[1])]])
     grid = F.affine_grid(theta[None], [1, 1, side, side], align_corners=False)
     img = F.grid_sample(glyph[None, None], grid, align_corners=False, padding_mode="zeros")[0, 0]
     img = img * (0.6 + 0.4 * float(torch.rand((), generator=g)))
@@ -156,9 +157,11 @@ def resize_square(img: torch.Tensor) -> torch.Tensor:
 
 
 def patchify(img: torch.Tensor) -> torch.Tensor:
-    """[side, side] -> [(side/8)^2, 64] row-major patches, normalized to mean 0."""
+    """[side, side] -> [(side/8)^2, 64] row-major patches of the image standardized to
+    mean 0, std 1 (per image)."""
+    img = (img - img.mean()) / (img.std() + 1e-3)
     p = img.unfold(0, PATCH, PATCH).unfold(1, PATCH, PATCH)  # [r, c, 8, 8]
-    return (p.reshape(-1, PATCH * PATCH) - 0.5) * 2.0
+    return p.reshape(-1, PATCH * PATCH)
 
 
 def preprocess_images(s: SampleSpec, images: list[bytes] | None = None) -> list[torch.Tensor]:
@@ -175,7 +178,7 @@ def preprocess_images(s: SampleSpec, images: list[bytes] | None = None) -> list[
 def tokenize(s: SampleSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [seq_len], targets [seq_len]): targets[t] is the token at t+1 where it is part
     of the answer (answer bytes and EOS), else -100."""
-    img = [IMAGE] * sum(s.patches)
+    img = [IMAGE] * len(s.digits)
     prompt, answer = list(s.prompt.encode()), list(s.answer.encode())
     ids = torch.tensor([BOS, *img, *prompt, *answer, EOS], dtype=torch.int64)
     targets = torch.full_like(ids, -100)
@@ -189,5 +192,5 @@ def check_fits(specs: list[SampleSpec], context: int) -> None:
     for s in specs:
         if s.seq_len > context:
             raise ValueError(f"sample {s.split}/{s.index} needs {s.seq_len} tokens "
-                             f"({len(s.digits)} images = {sum(s.patches)} image tokens + text) "
+                             f"({len(s.digits)} image tokens + text) "
                              f"but the LLM context is {context}")

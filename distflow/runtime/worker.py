@@ -95,6 +95,8 @@ class Worker:
     def run(self) -> None:
         self._stateful()  # build every stage (models, engines) before the first step
         start = self._resume() if self.cfg.resume else 0
+        if start:  # the flow-control window counts from the resumed step, not from -1
+            self.peer.liveness.update(progress=start - 1)
         self._first_step = start
         self._lag = 1 + self.cfg.max_staleness
         for step in range(start, self.cfg.steps):
