@@ -520,6 +520,6 @@ pipeline = Pipeline("vlm", [
            "enc_layers": 2, "hidden": 64, "layers": 2, "lr": 3e-3, "weight_decay": 0.0,
            "grad_clip": 1.0, "reorder": "none", "eval_every": 50, "eval_samples": 256,
            "emulate": False, "cost_pre": 1e-3, "cost_enc": 1e-4, "cost_llm": 1e-4,
-           "text_scale": 1.0},
+           "text_scale": 1.0, "llm_tokens_per_patch": 0},
    defaults={"placement": "monolithic", "steps": 300}, check=check,
    layouts={"monolithic": _monolithic, "disaggregated": _disaggregated})

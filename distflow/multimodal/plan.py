@@ -36,12 +36,14 @@ class Plan:
 
 def sample_costs(p: dict, s) -> tuple[float, float, float]:
     """(preprocess, encoder forward, LLM forward + backward) seconds of one sample by the
-    cost model: per image, per image patch, per LLM token (image tokens + text tokens x
-    ``text_scale``). Planning uses them always; ``emulate`` also sleeps them."""
-    image_tokens = sum(s.patches)
-    text_tokens = s.seq_len - image_tokens
-    return (p["cost_pre"] * len(s.digits), p["cost_enc"] * image_tokens,
-            p["cost_llm"] * (image_tokens + text_tokens * p["text_scale"]))
+    cost model: ``cost_pre`` per image, ``cost_enc`` per image patch, ``cost_llm`` per LLM
+    token. LLM tokens: the sample's text tokens x ``text_scale``, plus one per image
+    (this model's image token) and ``llm_tokens_per_patch`` per patch (a configuration
+    whose LLM sees every ViT token, e.g. 64 per patch for a 14-px ViT at 8x the
+    resolution). Planning uses them always; ``emulate`` also sleeps them."""
+    images, patches = len(s.digits), sum(s.patches)
+    llm_tokens = (s.seq_len - images) * p["text_scale"] + images + patches * p["llm_tokens_per_patch"]
+    return p["cost_pre"] * images, p["cost_enc"] * patches, p["cost_llm"] * llm_tokens
 
 
 def plan_step(p: dict, split: str, first: int, n: int, mbs: int, groups: dict,
