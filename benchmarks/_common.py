@@ -1,11 +1,25 @@
 """Helpers shared by the benchmark scripts (run as ``python benchmarks/NAME.py``)."""
 from __future__ import annotations
 
+import argparse
 import platform
 import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any, Callable
+
+
+def main_of(parse: Callable[[list[str] | None], argparse.Namespace],
+            run: Callable[[argparse.Namespace], Any],
+            report: Callable[[Any, argparse.Namespace], None]) -> Callable[[list[str] | None], int]:
+    """A benchmark's ``main(argv)``: ``parse`` the arguments, ``run`` the measurement (its
+    result is plain data), ``report`` it (files, tables). Each step is callable alone."""
+    def main(argv: list[str] | None = None) -> int:
+        args = parse(argv)
+        report(run(args), args)
+        return 0
+    return main
 
 
 def git_state() -> dict:

@@ -35,6 +35,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _common import main_of  # noqa: E402
+from distflow.models import DecoderLM, preset  # noqa: E402
+from distflow.run import load_pipeline  # noqa: E402
 PIPELINE = "pipelines/lm_diloco.py"
 
 
@@ -54,7 +59,6 @@ def sent_bytes(row: dict) -> float:
 
 def count_params(params: dict) -> int:
     """Trainable params of the exact model ``lm_diloco.py`` builds for ``params``."""
-    from distflow.models import DecoderLM, preset
     cfg = preset("tiny", vocab_size=256, hidden_size=params["hidden"],
                  num_hidden_layers=params["layers"], intermediate_size=4 * params["hidden"],
                  max_position_embeddings=params["seq_len"] + 1)
@@ -74,7 +78,7 @@ def run_one(name: str, overrides: list[str], steps: int, run_dir: Path) -> dict:
     return {"rows": rows, "wall_s": wall, "command": "distflow " + " ".join(cmd[3:])}
 
 
-def main(argv=None) -> int:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=2400)
     ap.add_argument("--inner-steps", type=int, default=30, help="H")
@@ -101,11 +105,12 @@ def main(argv=None) -> int:
         args.eval_every = 4 * args.inner_steps
     if args.warmup is None:
         args.warmup = args.steps // 20
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args.out = Path(args.out)
+    return args
 
-    sys.path.insert(0, str(ROOT))
-    from distflow.run import load_pipeline
+
+def run(args: argparse.Namespace) -> dict:
+    """One run per mode; the results doc."""
     pipe_params = dict(load_pipeline(str(ROOT / PIPELINE)).params)
     common = [f"lr={args.lr}", f"lr_schedule={args.lr_schedule}", f"warmup={args.warmup}",
               f"min_lr_ratio={args.min_lr_ratio}", f"eval_every={args.eval_every}",
@@ -165,7 +170,15 @@ def main(argv=None) -> int:
         r = results[name]
         doc.setdefault("goal_met", {})[name] = bool(r["loss_ratio_vs_dp"] <= 1.02 and
                                                     (r["bytes_reduction_vs_dp"] or 0) >= 100)
+    return doc
+
+
+def report(doc: dict, args: argparse.Namespace) -> None:
+    """``diloco_loss.json``, ``diloco_loss.png`` and a Markdown table on stdout."""
+    out, results, n_params = args.out, doc["results"], doc["trainable_params"]
+    out.mkdir(parents=True, exist_ok=True)
     (out / "diloco_loss.json").write_text(json.dumps(doc, indent=2))
+    dp = results.get("dp", {})
 
     print(f"\ntrainable params {n_params}, steps {args.steps}, tokens/run {dp.get('tokens', 0):.0f}")
     print("| mode | final held-out eval/loss | bytes / island | loss / DP | DP bytes / bytes | syncs | wall s |")
@@ -195,7 +208,9 @@ def main(argv=None) -> int:
         fig.savefig(out / "diloco_loss.png", dpi=120)
     except ImportError as e:
         print(f"no plot: {e}")
-    return 0
+
+
+main = main_of(parse, run, report)
 
 
 if __name__ == "__main__":

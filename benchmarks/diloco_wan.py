@@ -44,6 +44,11 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import main_of  # noqa: E402
+from distflow.models import DecoderLM, preset  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = "pipelines/lm_diloco.py"
 PREFIX = "dfwan"
@@ -178,7 +183,7 @@ def run_one(name: str, overrides: list[str], steps: int, out: Path, port: int,
     return {"rows": rows, "wall_s": wall}
 
 
-def main(argv=None) -> int:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=5)
@@ -190,14 +195,19 @@ def main(argv=None) -> int:
     ap.add_argument("--run-timeout", type=float, default=150.0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
+    args.out = Path(args.out)
+    return args
 
+
+def run(args: argparse.Namespace) -> dict | None:
+    """Every mode over every shaped link (None, with the reason printed, where this box cannot shape links)."""
     if os.geteuid() != 0:
         print("diloco_wan: skipped: needs root (network namespaces and tc)")
-        return 0
+        return None
     missing = [t for t in ("ip", "tc") if shutil.which(t) is None]
     if missing:
         print(f"diloco_wan: skipped: {', '.join(missing)} not found (install iproute2)")
-        return 0
+        return None
     atexit.register(cleanup)
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
@@ -209,11 +219,11 @@ def main(argv=None) -> int:
             setup()
         except RuntimeError as e:
             print(f"diloco_wan: skipped: cannot create namespaces/veth: {e}")
-            return 0
+            return None
         qdisc = probe_qdisc()
         if qdisc is None:
             print("diloco_wan: skipped: neither the netem nor the tbf qdisc is available in this kernel")
-            return 0
+            return None
         if qdisc != "netem":
             print("note: netem is not available in this kernel; shaping bandwidth with tbf, "
                   "no added delay")
@@ -260,7 +270,6 @@ def main(argv=None) -> int:
         cleanup()
 
     ideals = [r["step_s"] for r in results if r["mode"] == "ideal"]
-    from distflow.models import DecoderLM, preset
     n_params = sum(p.numel() for p in DecoderLM(preset(
         "tiny", vocab_size=256, hidden_size=args.hidden, num_hidden_layers=args.layers,
         intermediate_size=4 * args.hidden, max_position_embeddings=65)).parameters() if p.requires_grad)
@@ -291,7 +300,16 @@ def main(argv=None) -> int:
            "ideal_step_s_runs": ideals,
            "goal": "streaming >= 90% utilisation at 100 Mbit/s where DP is not",
            "goal_met": goal, "results": results}
-    out = Path(args.out)
+    return doc
+
+
+def report(doc: dict | None, args: argparse.Namespace) -> None:
+    """``diloco_wan.json`` and a Markdown table on stdout."""
+    if doc is None:
+        return
+    out, results, n_params, qdisc = args.out, doc["results"], doc["trainable_params"], doc["qdisc"]
+    rates = [r["rate_mbit"] for r in results if r["rate_mbit"] is not None]
+    goal = doc["goal_met"]
     out.mkdir(parents=True, exist_ok=True)
     (out / "diloco_wan.json").write_text(json.dumps(doc, indent=2))
     print(f"\nmodel {n_params} params ({4 * n_params / 1e6:.2f} MB fp32 gradient), {args.steps} steps, "
@@ -306,7 +324,9 @@ def main(argv=None) -> int:
               f"{r['utilisation_median'] * 100:.1f}% | "
               f"{(r['bytes_sent'] or 0) / 1e6:.2f} MB |")
     print(f"goal (streaming >= 90% at {min(rates):g} Mbit/s, DP below): {'met' if goal else 'not met'}")
-    return 0
+
+
+main = main_of(parse, run, report)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,9 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import main_of  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name -> placement overrides
     "colocated": ["placement=colocated"],
@@ -171,7 +174,7 @@ def plot(doc: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="GRPO only, few steps, smaller batch")
     ap.add_argument("--steps", type=int, default=0, help="steps per run (default 60; quick 12)")
@@ -180,10 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--timeout", type=float, default=300, help="per-run timeout (s)")
     args = ap.parse_args(argv)
-    out = Path(args.out)
+    args.out = Path(args.out)
+    args.steps = args.steps or (12 if args.quick else 60)
+    args.pipelines = (args.pipelines or ("grpo" if args.quick else "grpo,ppo")).split(",")
+    return args
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Every variant of every pipeline, ``args.repeats`` times interleaved; the results doc."""
+    out, steps, pipes = args.out, args.steps, args.pipelines
     out.mkdir(parents=True, exist_ok=True)
-    steps = args.steps or (12 if args.quick else 60)
-    pipes = (args.pipelines or ("grpo" if args.quick else "grpo,ppo")).split(",")
     prompts, group, new_tokens = (16, 8, 8) if args.quick else (64, 8, 16)
     workload = [f"prompts={prompts}", f"group_size={group}", f"max_new_tokens={new_tokens}"]
     warmup = 3 if args.quick else 10
@@ -210,34 +219,41 @@ def main(argv: list[str] | None = None) -> int:
     for p in pipes:
         goal[p]["met"] = goal[p]["speedup"] >= 1.3 and \
             goal[p]["reward_last10_s1"] >= goal[p]["reward_last10_colocated"] - 0.02
-    doc = {"nproc": NPROC, "steps": steps, "warmup": warmup, "repeats": args.repeats,
-           "workload": {"model": "tiny", "task": "reverse", "prompts": prompts, "group_size": group,
-                        "max_new_tokens": new_tokens, "samples_per_step": samples},
-           "quick": args.quick, "cpu_count": os.cpu_count(),
-           "omp_num_threads": os.environ.get("OMP_NUM_THREADS", f"{max(1, (os.cpu_count() or 1) // NPROC)} (distflow default)"),
-           "definition": "samples/s = prompts*group_size / wall-clock period between metrics.jsonl "
-                         "lines over steps [warmup, steps-3]",
-           "goal": goal, "total_s": time.perf_counter() - t0, "results": results}
+    return {"nproc": NPROC, "steps": steps, "warmup": warmup, "repeats": args.repeats,
+            "workload": {"model": "tiny", "task": "reverse", "prompts": prompts, "group_size": group,
+                         "max_new_tokens": new_tokens, "samples_per_step": samples},
+            "quick": args.quick, "cpu_count": os.cpu_count(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS", f"{max(1, (os.cpu_count() or 1) // NPROC)} (distflow default)"),
+            "definition": "samples/s = prompts*group_size / wall-clock period between metrics.jsonl "
+                          "lines over steps [warmup, steps-3]",
+            "goal": goal, "total_s": time.perf_counter() - t0, "results": results}
+
+
+def report(doc: dict, args: argparse.Namespace) -> None:
+    """``placement.json``, ``placement.png`` and a Markdown table on stdout."""
+    out, results, goal = args.out, doc["results"], doc["goal"]
     (out / "placement.json").write_text(json.dumps(doc, indent=1))
     plot(doc, out / "placement.png")
     print()
     print("| pipeline | placement | step s (wall) | samples/s | vs colocated | median timing_s/step | "
           "gen s | reward first 10 -> last 10 | CPU cores used |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for p in pipes:
+    for p in results:
         for v in VARIANTS:
             r = results[p][v]
             print(f"| {p.upper()} | {v} | {r['step_s']:.3f} | {r['samples_per_s']:.1f} | "
                   f"{r['speedup_vs_colocated']:.2f}x | {r['median_timing_step_s']:.3f} | "
                   f"{r['stage_timing_s'].get('gen', 0):.3f} | {r['reward_first10']:.3f} -> "
                   f"{r['reward_last10']:.3f} | {r['cpu_cores_used']:.2f} |")
-    for p in pipes:
+    for p in results:
         g = goal[p]
         print(f"goal ({p}): disagg_s1 {g['speedup']:.2f}x colocated samples/s "
               f"(need >= 1.3x), reward last 10 {g['reward_last10_s1']:.3f} vs "
               f"{g['reward_last10_colocated']:.3f}: {'MET' if g['met'] else 'NOT MET'}")
     print(f"-> {out / 'placement.json'}, {out / 'placement.png'} ({doc['total_s']:.0f} s)")
-    return 0
+
+
+main = main_of(parse, run, report)
 
 
 if __name__ == "__main__":

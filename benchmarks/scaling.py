@@ -69,7 +69,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from _common import MetricsWatcher, cpu_model  # noqa: E402
+from _common import MetricsWatcher, cpu_model, main_of  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -270,7 +270,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workers", default="2,4,8,16", help="worker counts (even), comma-separated")
     p.add_argument("--steps", type=int, default=12, help="measured steps per run (after warm-up)")
@@ -289,13 +289,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.workers, args.steps, args.warmup, args.batch = "2,4", 4, 2, 16
-    workers = [int(w) for w in args.workers.split(",") if w.strip()]
-    if any(w < 2 or w % 2 for w in workers):
+    args.worker_counts = [int(w) for w in args.workers.split(",") if w.strip()]
+    if any(w < 2 or w % 2 for w in args.worker_counts):
         p.error("--workers must be even numbers >= 2 (rollout and train get N/2 each)")
     if args.warmup < 1 or args.steps < 1:
         p.error("--warmup and --steps must be >= 1")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args.out = Path(args.out)
+    args.command = shlex.join(["python", "benchmarks/scaling.py", *(sys.argv[1:] if argv is None else argv)])
+    return args
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Both modes at every worker count (alternating order); ``{**meta, "results": [...]}``."""
+    workers = args.worker_counts
     runs_dir = Path(args.keep_runs or tempfile.mkdtemp(prefix="distflow-scaling-"))
     started = time.perf_counter()
     results = []
@@ -305,8 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 r = run_one(n, mode, args, runs_dir / f"n{n}-{mode}")
             except RuntimeError as e:
-                print(f"scaling: {e}\n(run directories kept in {runs_dir})", file=sys.stderr)
-                return 1
+                raise SystemExit(f"scaling: {e}\n(run directories kept in {runs_dir})") from None
             results.append(r)
             print(f"N={n:>2} {mode}: step {r['step_s']:.3f} s (min {r['step_s_min']:.3f}, "
                   f"max {r['step_s_max']:.3f}), {r['samples_per_s']:.1f} samples/s, overhead "
@@ -316,20 +321,11 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(runs_dir, ignore_errors=True)
     add_efficiency(results, args)
     total = time.perf_counter() - started
-    print()
-    print(table(results))
-    print(f"\nit/s, samples/s: wall clock over the {args.steps} measured steps (after "
-          f"{args.warmup} warm-up); eff vs N0 = samples/s(N) / (samples/s(N0) * N/N0); eff vs "
-          f"bound = samples/s / (global batch / emulated compute step of "
-          f"{bound_step_s(workers[0], args):.3f} s); step s = median timing_s/step (max over "
-          f"ranks); total {total:.0f} s")
-    print("from step s instead (conservative: per-rank windows are offset):")
-    print(step_table(results))
-    meta = {
+    return {
         "benchmark": "scaling", "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},
-        "command": shlex.join(["python", "benchmarks/scaling.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": args.command,
         "workers": workers, "warmup_steps": args.warmup, "measured_steps": args.steps,
         "params": {"batch_per_worker": args.batch, "seq_len": args.seq_len,
                    "rollout_s": args.rollout_s, "train_s": args.train_s, "group_size": 4,
@@ -346,15 +342,31 @@ def main(argv: list[str] | None = None) -> int:
                                 "the slower group per rank (the groups overlap): an absolute "
                                 "ideal shared by both modes",
         },
-        "total_wall_s": total,
-    }
-    (out / "scaling.json").write_text(json.dumps({**meta, "results": results}, indent=2))
+        "total_wall_s": total, "results": results}
+
+
+def report(doc: dict, args: argparse.Namespace) -> None:
+    """Tables on stdout, ``scaling.json`` and ``scaling.png`` in ``--out``."""
+    results, out = doc["results"], args.out
+    out.mkdir(parents=True, exist_ok=True)
+    print()
+    print(table(results))
+    print(f"\nit/s, samples/s: wall clock over the {args.steps} measured steps (after "
+          f"{args.warmup} warm-up); eff vs N0 = samples/s(N) / (samples/s(N0) * N/N0); eff vs "
+          f"bound = samples/s / (global batch / emulated compute step of "
+          f"{bound_step_s(doc['workers'][0], args):.3f} s); step s = median timing_s/step (max over "
+          f"ranks); total {doc['total_wall_s']:.0f} s")
+    print("from step s instead (conservative: per-rank windows are offset):")
+    print(step_table(results))
+    (out / "scaling.json").write_text(json.dumps(doc, indent=2))
     plot(results, out / "scaling.png",
          f"weak scaling, {args.batch} samples/worker, seq_len {args.seq_len}, "
          f"{os.cpu_count()}-core CPU, compute emulated")
     print(f"wrote {out / 'scaling.json'}, {out / 'scaling.png'}")
     print("\nmarkdown:\n" + table(results, markdown=True))
-    return 0
+
+
+main = main_of(parse, run, report)
 
 
 if __name__ == "__main__":

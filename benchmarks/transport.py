@@ -39,13 +39,14 @@ import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
 import traceback
 import warnings
 from pathlib import Path
+
+from distflow.runtime.rendezvous import free_port
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZES = [1 * KiB, 4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB]
@@ -275,12 +276,6 @@ def worker(name: str, rank: int, conn, port: int) -> None:
 
 # ================================================================= driver (the parent)
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(conn, what: str, timeout: float = TRIAL_TIMEOUT_S):
     if not conn.poll(timeout):
         raise TimeoutError(f"no answer from {what} within {timeout} s")
@@ -298,7 +293,7 @@ class Pair:
 
     def __init__(self, ctx, name: str):
         self.name, self.conns, self.procs = name, [], []
-        port = _free_port()
+        port = free_port()
         for rank in (0, 1):
             mine, theirs = ctx.Pipe()
             p = ctx.Process(target=worker, args=(name, rank, theirs, port), daemon=True,

@@ -1,19 +1,22 @@
 """distflow GRPO vs TRL's ``GRPOTrainer``: throughput and reward curve on this CPU.
 
-Both systems train the same tiny Qwen2-shaped model (the ``tiny`` preset of
-``distflow.models.config``, random init, vocab from the ``reverse`` task's
-``CharTokenizer``) from the very same initial weights (one checkpoint directory, written
-with ``distflow.models.save_pretrained``, loaded by distflow with ``model=DIR`` and by TRL
-with ``AutoModelForCausalLM``), on the same task: the prompts of the built-in ``reverse``
-task, step by step the very same ones (``ReverseTask.prompts(n, seed, step)``; TRL gets
-them in that order with ``shuffle_dataset=False``), scored by the same function
-(``ReverseTask.reward``). Same settings on both sides:
+Both systems train the same Qwen2-shaped model (``--shape``: ``tiny``, the preset of
+``distflow.models.config``, 75k parameters; ``mid``, hidden 512, intermediate 1408, 8
+layers, 8 heads / 2 KV heads, 22.6M parameters; ``qwen2-0.5b``, that preset's shape;
+random init, vocab from the task's ``CharTokenizer``) from the very same initial weights
+(one checkpoint directory, written with ``distflow.models.save_pretrained``, loaded by
+distflow with ``model=DIR`` and by TRL with ``AutoModelForCausalLM``), on the same task
+(``--task``: ``reverse``, 2 digits; ``reverse_ragged``, 1-64 digits, so answers of 1-64
+tokens): the task's prompts, step by step the very same ones (``task.prompts(n, seed,
+step)``; TRL gets them in that order with ``shuffle_dataset=False``), scored by the same
+function (``ReverseTask.reward``). Same settings on both sides:
 
 - ``--prompts`` prompts x ``--group-size`` completions per step (TRL:
   ``per_device_train_batch_size = prompts * group_size``, ``num_generations =
   group_size``, one optimizer step per generation batch, ``num_iterations = 1``);
 - ``--max-new-tokens`` completion tokens (TRL ``max_completion_length``), EOS ends a
-  completion early on both sides; the prompts are 3 tokens ("37=", no BOS) on both;
+  completion early on both sides; the prompts are the digits and "=" ("37=", no BOS),
+  left-padded on both;
 - sampling at temperature 1.0, top_p 1, top_k 0;
 - GRPO advantages normalized by the group's (unbiased) std; token-mean loss over the
   whole batch (TRL ``loss_type="dapo"``; distflow divides by the global token count);
@@ -21,7 +24,9 @@ them in that order with ``shuffle_dataset=False``), scored by the same function
   the k3 estimator (distflow ``low_var_kl``), ``beta = kl_coef``;
 - AdamW lr ``--lr`` constant (TRL ``lr_scheduler_type="constant"``, no warm-up), betas
   (0.9, 0.95) (distflow's; TRL ``adam_beta2=0.95``), no weight decay, grad-norm clip 1.0;
-- float32, CPU: TRL with ``use_cpu=True``, ``bf16=False``, ``use_vllm=False``, no eval, no
+- float32, CPU (``--device cuda``: TRL with ``use_cpu=False``, ``bf16=True``; distflow
+  with bf16 autocast in training, float32 weights):
+  TRL with ``use_cpu=True``, ``bf16=False``, ``use_vllm=False``, no eval, no
   checkpoint, ``report_to="none"``, default logging (every 10 steps), and
   ``gradient_checkpointing=False`` (TRL's config turns it on by default; distflow does not
   checkpoint activations, and it would only slow TRL down).
@@ -45,9 +50,11 @@ initial model, shared by all systems), the systems' order alternating between ro
 Measurements:
 
 - samples/s = completions generated and trained per second of wall time, excluding
-  start-up: ``(steps - 1) * prompts * group_size`` over the time from the end of step 1
-  to the end of the last step. distflow: the arrival times of the lines of
-  ``metrics.jsonl`` (polled every 20 ms); TRL: ``TrainerCallback.on_step_end`` times.
+  start-up: the samples of the steps after the first timed step end over the time from
+  its end to the end of the last step. distflow: the arrival times of the lines of
+  ``metrics.jsonl`` (polled every 20 ms; rank 0 writes a step's line when the next step
+  ends, so the first line marks the end of step 2 and ``steps - 2`` steps are timed);
+  TRL: ``TrainerCallback.on_step_end`` times (``steps - 1`` steps timed).
   Cross-check: the same samples over the sum of per-step times of steps 2.. (distflow's
   ``timing_s/step``; TRL's ``on_step_begin`` -> ``on_step_end``);
 - reward per step: distflow's ``reward/mean``; TRL: the mean of the reward function's
@@ -59,6 +66,8 @@ Measurements:
 
     python benchmarks/vs_trl.py                         # 3 rounds x 100 steps each, 3.5-6 min on 2 shared cores
     python benchmarks/vs_trl.py --steps 20 --rounds 1   # shorter
+    python benchmarks/vs_trl.py --shape mid --task reverse_ragged --max-new-tokens 64 \
+        --prompts 8 --steps 5 --rounds 1 --lr 1e-4 --trl-threads 1,2 --trl-budget 400 --timeout 900
 
 Writes ``benchmarks/results/vs_trl.json`` and ``vs_trl.png`` (``--out-dir``). Needs
 ``pip install -e .[bench]`` (trl, datasets).
@@ -84,23 +93,32 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
 PIPELINE = "pipelines/grpo.py"
-TASK = "reverse"
+TASKS = ("reverse", "reverse_ragged")
+METRICS_LAG = 1  # rank 0 writes a step's metrics line when the next step ends (max_staleness 0)
+# --shape: (distflow preset, overrides); vocab and special ids come from the task's tokenizer
+SHAPES = {
+    "tiny": ("tiny", {}),
+    # 22.6M parameters: hidden 512, intermediate 1408, 8 layers, 8 heads / 2 KV heads
+    "mid": ("tiny", dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=2)),
+    "qwen2-0.5b": ("qwen2-0.5b", dict(max_position_embeddings=4096)),
+}
 
 
 # ---------------------------------------------------------------------------- shared setup
-def char_tokenizer():
+def char_tokenizer(task: str = "reverse"):
     from distflow.models import CharTokenizer
     from distflow.rl.tasks import get_task
-    return CharTokenizer(get_task(TASK).alphabet)
+    return CharTokenizer(get_task(task).alphabet)
 
 
-def hf_tokenizer():
+def hf_tokenizer(task: str = "reverse"):
     """A ``transformers`` fast tokenizer with the CharTokenizer's ids: pad 0, eos 1, bos 2, then
     one id per character; encodes without special tokens, decodes by concatenation."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    ct = char_tokenizer()
+    ct = char_tokenizer(task)
     vocab = {s: i for i, s in enumerate(ct.SPECIALS)}
     vocab.update({ch: i + len(ct.SPECIALS) for i, ch in enumerate(ct.alphabet)})
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
@@ -116,19 +134,21 @@ def hf_tokenizer():
     return tok
 
 
-def write_initial_model(directory: Path, seed: int) -> dict:
-    """The ``tiny`` preset with random weights (seeded) + ``char_tokenizer.json`` in ``directory``."""
+def write_initial_model(directory: Path, seed: int, shape: str = "tiny", task: str = "reverse") -> dict:
+    """The ``shape`` model (``SHAPES``) with random weights (seeded) + ``char_tokenizer.json``
+    in ``directory``."""
     import torch
 
     from distflow.models import DecoderLM, preset, save_pretrained
 
-    tok = char_tokenizer()
+    tok = char_tokenizer(task)
     torch.manual_seed(seed)
-    model = DecoderLM(preset("tiny", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
-                             pad_token_id=tok.pad_id, bos_token_id=tok.bos_id))
+    name, overrides = SHAPES[shape]
+    model = DecoderLM(preset(name, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
+                             pad_token_id=tok.pad_id, bos_token_id=tok.bos_id, **overrides))
     save_pretrained(model, directory)
     tok.save(directory)
-    return {"preset": "tiny", "num_parameters": model.num_parameters(),
+    return {"shape": shape, "preset": name, "num_parameters": model.num_parameters(),
             **{k: v for k, v in model.config.to_hf().items()
                if k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                         "num_attention_heads", "num_key_value_heads", "tie_word_embeddings")}}
@@ -136,7 +156,7 @@ def write_initial_model(directory: Path, seed: int) -> dict:
 
 def all_prompts(args) -> list[list[str]]:
     from distflow.rl.tasks import get_task
-    task = get_task(TASK)
+    task = get_task(args.task)
     return [task.prompts(args.prompts, args.seed, step) for step in range(args.steps)]
 
 
@@ -144,8 +164,9 @@ def all_prompts(args) -> list[list[str]]:
 def run_distflow(args, model_dir: Path, run_dir: Path) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    overrides = [f"model={model_dir}", f"task={TASK}", f"reward={TASK}", f"prompts={args.prompts}",
-                 f"group_size={args.group_size}", "max_prompt_len=3",
+    from distflow.rl.tasks import get_task
+    overrides = [f"model={model_dir}", f"task={args.task}", f"reward={args.task}", f"prompts={args.prompts}",
+                 f"group_size={args.group_size}", f"max_prompt_len={get_task(args.task).max_prompt_len}",
                  f"max_new_tokens={args.max_new_tokens}", "temperature=1.0", "top_p=1.0", "top_k=0",
                  f"lr={args.lr}", f"kl_coef={args.kl_coef}", "kl_loss=true", "kl_estimator=low_var_kl",
                  "clip_eps=0.2", "ppo_epochs=1", "weight_decay=0.0", "grad_clip=1.0", "advantage=grpo",
@@ -175,6 +196,8 @@ def run_distflow(args, model_dir: Path, run_dir: Path) -> dict:
     if len(arrivals) != args.steps:
         raise RuntimeError(f"saw {len(arrivals)} metrics lines appear, expected {args.steps}")
     batch = args.prompts * args.group_size
+    # rank 0 writes step k's line when step k + LAG ends (the last lines at the end of the
+    # run): the span from the first line to the last covers steps LAG + 1 .. steps - 1
     span = arrivals[-1] - arrivals[0]
     step_sum = sum(r["timing_s/step"] for r in rows[1:])
     return {
@@ -182,10 +205,10 @@ def run_distflow(args, model_dir: Path, run_dir: Path) -> dict:
         "rewards": [r["reward/mean"] for r in rows],
         "step_end_s": [a - arrivals[0] for a in arrivals],
         "step_times_s": [r["timing_s/step"] for r in rows],
-        "samples_per_s": batch * (args.steps - 1) / span,
+        "samples_per_s": batch * (args.steps - 1 - METRICS_LAG) / span,
         "samples_per_s_step_sum": batch * (args.steps - 1) / step_sum,
         "median_step_s": statistics.median(r["timing_s/step"] for r in rows[1:]),
-        "startup_s": arrivals[0] - t0,
+        "startup_s": arrivals[0] - t0 - rows[METRICS_LAG]["timing_s/step"],
         "run_wall_s": wall,
         "tokens_per_step": statistics.mean(r["count/tokens"] for r in rows),
         "response_length_mean": statistics.mean(r["response_length/mean"] for r in rows),
@@ -207,8 +230,8 @@ def trl_worker(spec_path: str) -> int:
     from distflow.rl.tasks import get_reward
 
     torch.manual_seed(args.seed)
-    tok = hf_tokenizer()
-    score = get_reward(TASK)
+    tok = hf_tokenizer(args.task)
+    score = get_reward(args.task)
     batch = args.prompts * args.group_size
     prompts = [p for step in all_prompts(args) for p in step]
     dataset = Dataset.from_dict({"prompt": prompts})
@@ -241,7 +264,8 @@ def trl_worker(spec_path: str) -> int:
         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, adam_beta1=0.9, adam_beta2=0.95,
         weight_decay=0.0, max_grad_norm=1.0,
         beta=args.kl_coef, epsilon=0.2, loss_type="dapo", scale_rewards="group",
-        use_vllm=False, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+        use_vllm=False, use_cpu=args.device == "cpu", bf16=args.device == "cuda", fp16=False,
+        gradient_checkpointing=False,
         model_init_kwargs={"dtype": torch.float32},
         shuffle_dataset=False, eval_strategy="no", save_strategy="no", report_to="none",
         log_completions=False, dataloader_num_workers=0,
@@ -380,7 +404,8 @@ def plot(doc: dict, path: Path) -> None:
         b.plot(s["step_end_s"], smooth, color=color, lw=2, label=text)
     n = p["rounds"]
     a.set(xlabel="step", ylabel=f"reward (thin: each of {n} rounds; thick: mean, {w}-step avg)",
-          title=f"GRPO 'reverse': {p['prompts']} prompts x {p['group_size']}, lr {p['lr']}, tiny Qwen2, CPU")
+          title=f"GRPO '{p.get('task', 'reverse')}': {p['prompts']} prompts x {p['group_size']}, lr {p['lr']}, "
+                f"{p.get('shape', 'tiny')} Qwen2, CPU")
     b.set(xlabel="wall seconds since the end of step 1 (median over rounds)",
           ylabel=f"reward (mean over rounds, {w}-step avg)", title="reward vs wall time (start-up excluded)")
     for ax in (a, b):
@@ -391,8 +416,15 @@ def plot(doc: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="tiny", choices=sorted(SHAPES),
+                    help="model shape (default tiny; mid: 22.6M parameters; qwen2-0.5b: its shape, char vocab)")
+    ap.add_argument("--task", default="reverse", choices=TASKS,
+                    help="reverse (2 digits) or reverse_ragged (1-64 digits: ragged answers)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: TRL on the GPU with bf16 mixed precision (distflow uses the GPU "
+                         "whenever CUDA is available, bf16 autocast in training)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=3,
                     help="runs of each system, interleaved, seeds seed, seed+1, ... (default 3)")
@@ -416,32 +448,40 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trl-worker", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.trl_worker:
-        return trl_worker(args.trl_worker)
-    if args.steps < 2:
-        ap.error("--steps must be >= 2 (step 1 is start-up)")
+        return args
+    if args.steps < 3:
+        ap.error("--steps must be >= 3 (step 1 is start-up; distflow writes a step's metrics a step late)")
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
     if args.prompts % args.nproc:
         ap.error(f"--prompts ({args.prompts}) must be divisible by --nproc ({args.nproc})")
+    if not 1 <= args.max_new_tokens <= 128:
+        ap.error(f"--max-new-tokens must be in 1..128, got {args.max_new_tokens}")
     try:
-        trl_threads = [int(t) for t in args.trl_threads.split(",") if t.strip()]
+        args.trl_thread_list = [int(t) for t in args.trl_threads.split(",") if t.strip()]
     except ValueError:
         ap.error(f"--trl-threads must be comma-separated ints, got {args.trl_threads!r}")
-    if not trl_threads or min(trl_threads) < 0:
+    if not args.trl_thread_list or min(args.trl_thread_list) < 0:
         ap.error("--trl-threads needs at least one value >= 0")
+    args.argv = argv if argv is not None else sys.argv[1:]
+    return args
 
+
+def run(args: argparse.Namespace) -> dict:
+    """Every round of every system; returns the result document."""
     import torch
     import transformers
     import trl
 
+    trl_threads = args.trl_thread_list
     t_start = time.perf_counter()
-    keys = ("steps", "prompts", "group_size", "max_new_tokens", "lr", "kl_coef", "seed")
+    keys = ("steps", "prompts", "group_size", "max_new_tokens", "lr", "kl_coef", "seed", "task", "device")
     work = Path(args.keep_runs) if args.keep_runs else Path(tempfile.mkdtemp(prefix="distflow-vs-trl-"))
     work.mkdir(parents=True, exist_ok=True)
     systems = ["distflow"] + [f"trl_{t}t" if t else "trl" for t in trl_threads]
     threads_of = {f"trl_{t}t" if t else "trl": t for t in trl_threads}
     runs: dict[str, list[dict]] = {name: [] for name in systems}
-    hf_tokenizer()  # fail early if the id mapping breaks
+    hf_tokenizer(args.task)  # fail early if the id mapping breaks
     os.environ.pop("OMP_NUM_THREADS", None)  # distflow's CLI then sets cores / nproc per worker
     try:
         for rnd in range(args.rounds):
@@ -449,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             rdir = work / f"round{rnd}"
             rdir.mkdir(parents=True, exist_ok=True)
             model_dir = rdir / "init_model"
-            model_info = write_initial_model(model_dir, seed)
+            model_info = write_initial_model(model_dir, seed, args.shape, args.task)
             rargs = argparse.Namespace(**{k: getattr(args, k) for k in keys})
             rargs.seed = seed
             order = systems if rnd % 2 == 0 else systems[::-1]
@@ -461,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
                     r = run_trl(rargs, model_dir, rdir, args.timeout, threads_of[name], args.trl_budget)
                 r["seed"], r["round"] = seed, rnd
                 runs[name].append(r)
-                print(f"  {r['samples_per_s']:.0f} samples/s, median step {r['median_step_s']:.3f} s, reward "
+                print(f"  {r['samples_per_s']:.1f} samples/s, median step {r['median_step_s']:.3f} s, reward "
                       f"{statistics.mean(r['rewards'][:args.tail]):.3f} -> {statistics.mean(r['rewards'][-args.tail:]):.3f}"
                       f" (load {os.getloadavg()[0]:.1f})", flush=True)
     finally:
@@ -480,22 +520,30 @@ def main(argv: list[str] | None = None) -> int:
         done = [r for n in trl_names for r in runs[n] if r["round"] == rnd and not r.get("truncated")]
         trl_per_seed += done[:1]
     trl_rewards = summarize(trl_per_seed, args.tail) if trl_per_seed else summarize(runs[best], args.tail)
+    # paired seeds: distflow's last-steps reward minus TRL's, seed by seed
+    paired = []
+    for rnd in range(args.rounds):
+        d = [r for r in runs["distflow"] if r["round"] == rnd]
+        t = [r for r in trl_per_seed if r["round"] == rnd]
+        if d and t:
+            paired.append(run_summary(d[0], args.tail)["reward_last"] - run_summary(t[0], args.tail)["reward_last"])
     for rs in runs.values():
         for r in rs:
             r.pop("log_history", None)
-    doc = {
+    return {
         "benchmark": "vs_trl",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join(["benchmarks/vs_trl.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": "python " + " ".join(["benchmarks/vs_trl.py", *args.argv]),
         "git": git_state(),
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
         "params": {**{k: getattr(args, k) for k in keys}, "rounds": args.rounds, "nproc": args.nproc,
-                   "trl_threads": trl_threads, "task": TASK, "model": model_info,
+                   "shape": args.shape, "trl_threads": trl_threads, "model": model_info,
                    "samples_per_step": args.prompts * args.group_size, "temperature": 1.0,
                    "clip_eps": 0.2, "loss": "token-mean over the batch (TRL loss_type='dapo')",
                    "optimizer": "AdamW betas (0.9, 0.95), constant lr, no weight decay, grad clip 1.0",
-                   "distflow_command": runs["distflow"][0]["command"]},
+                   "distflow_command": runs["distflow"][0]["command"], "tail": args.tail,
+                   "trl_budget": args.trl_budget},
         "summary": summary,
         "fastest_trl": best,
         "speedup_samples_per_s": speedup,
@@ -506,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         "trl_reward_one_run_per_seed": {k: trl_rewards[k] for k in ("reward_first", "reward_last", "reward_mean",
                                                                       "reward_last_rounds", "complete_runs")},
         "distflow_reward_last_rounds": summary["distflow"]["reward_last_rounds"],
+        "reward_last_paired_diff": paired,
         "goal": {"speedup_at_least_3x": speedup >= 3.0,
                  "reward_last_at_least_trl": (summary["distflow"]["reward_last"] >= trl_rewards["reward_last"]
                                               if trl_rewards["reward_last"] is not None else None),
@@ -514,36 +563,50 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "wall_s": time.perf_counter() - t_start,
     }
-    out_dir = Path(args.out_dir)
+
+
+def report(doc: dict, out_dir: Path) -> None:
+    """Write the JSON and the plot; print the table."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "vs_trl.json").write_text(json.dumps(doc, indent=2) + "\n")
     plot(doc, out_dir / "vs_trl.png")
-
-    k = min(args.tail, args.steps)
-    print(f"\nGRPO on '{TASK}', tiny Qwen2 ({model_info['num_parameters'] / 1e3:.0f}k params), {args.steps} steps x "
-          f"{args.prompts} prompts x {args.group_size} completions ({args.prompts * args.group_size} samples/step), "
-          f"{args.max_new_tokens} new tokens, lr {args.lr}; {args.rounds} interleaved rounds "
-          f"(throughput: median over rounds; reward: mean over rounds)")
+    p, summary, runs = doc["params"], doc["summary"], doc["runs"]
+    model_info, best, speedup = p["model"], doc["fastest_trl"], doc["speedup_samples_per_s"]
+    trl_rewards = doc["trl_reward_one_run_per_seed"]
+    k = min(p["tail"], p["steps"])
+    print(f"\nGRPO on '{p['task']}', {p['shape']} Qwen2 ({model_info['num_parameters'] / 1e6:.2f}M params), "
+          f"{p['steps']} steps x {p['prompts']} prompts x {p['group_size']} completions "
+          f"({p['samples_per_step']} samples/step), {p['max_new_tokens']} new tokens, lr {p['lr']}; "
+          f"{p['rounds']} interleaved rounds (throughput: median over rounds; reward: mean over rounds)")
     print(f"| system | samples/s | samples/s (step-time sum) | median step s | reward first {k} -> last {k} "
           f"| reward mean (all steps) | start-up s | run wall s |")
     print("|---|---|---|---|---|---|---|---|")
+
     def f3(x):
         return "n/a" if x is None else f"{x:.3f}"
 
     for name, s in summary.items():
         cut = len(runs[name]) - s["complete_runs"]
-        note = f" ({cut} of {len(runs[name])} runs stopped at the {args.trl_budget:g} s budget)" if cut else ""
-        print(f"| {label(name, doc)}{note} | {s['samples_per_s']:.0f} | {s['samples_per_s_step_sum']:.0f} | "
+        note = f" ({cut} of {len(runs[name])} runs stopped at the {p['trl_budget']:g} s budget)" if cut else ""
+        print(f"| {label(name, doc)}{note} | {s['samples_per_s']:.1f} | {s['samples_per_s_step_sum']:.1f} | "
               f"{s['median_step_s']:.3f} | {f3(s['reward_first'])} -> {f3(s['reward_last'])} | "
               f"{f3(s['reward_mean'])} | {s['startup_s']:.1f} | {s['run_wall_s']:.1f} |")
     print(f"speedup distflow / fastest TRL ({best}): {speedup:.2f}x samples/s (per round: "
           f"{', '.join(f'{x:.2f}x' for x in doc['speedup_rounds_vs_fastest_trl'])}); vs each: "
-          + ", ".join(f"{n} {x:.2f}x" for n, x in speedup_each.items())
+          + ", ".join(f"{n} {x:.2f}x" for n, x in doc["speedup_vs_each_trl"].items())
           + f"; goal >= 3x: {'met' if speedup >= 3 else 'NOT met'}")
     print(f"reward, last {k} steps: distflow {f3(summary['distflow']['reward_last'])} vs TRL (one complete run per "
           f"seed, {trl_rewards['complete_runs']} seeds) {f3(trl_rewards['reward_last'])}; all steps: "
-          f"{f3(summary['distflow']['reward_mean'])} vs {f3(trl_rewards['reward_mean'])}")
+          f"{f3(summary['distflow']['reward_mean'])} vs {f3(trl_rewards['reward_mean'])}; paired per seed "
+          f"(distflow - TRL, last {k}): {', '.join(f'{x:+.3f}' for x in doc['reward_last_paired_diff'])}")
     print(f"-> {out_dir / 'vs_trl.json'}, {out_dir / 'vs_trl.png'} ({doc['wall_s']:.0f} s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args.trl_worker:
+        return trl_worker(args.trl_worker)
+    report(run(args), Path(args.out_dir))
     return 0
 
 

@@ -3,6 +3,7 @@
     distflow run PIPELINE.py [--nproc N] [--out DIR] [--steps K] [key=value ...]
     distflow plot RUN_DIR
     distflow plan PIPELINE.py [--nproc N] [key=value ...]
+    distflow export CHECKPOINT_DIR OUT_DIR [--dtype float32|bfloat16]
 
 ``run`` checks the pipeline and config in this process first (a mistake fails before any
 worker starts), then launches ``torchrun --standalone`` with N workers, and at the end
@@ -25,7 +26,7 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
 
     overrides = [*overrides, *(f"steps={args.steps}" for _ in [0] if args.steps)]
     try:
-        pipeline, _, _ = prepare(args.pipeline, overrides, args.nproc)
+        pipeline = prepare(args.pipeline, overrides, args.nproc).pipeline
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"distflow run: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
@@ -81,7 +82,34 @@ def _summarize(out: Path) -> None:
               f"({last - first:+.3f})")
 
 
+def _export(argv: list[str]) -> int:
+    """``distflow export``: a run's (or one checkpoint's) policy as an HF checkpoint folder."""
+    from distflow.export import export
+
+    parser = argparse.ArgumentParser(
+        prog="distflow export", description="Write a checkpoint's model as a folder transformers "
+        "loads with from_pretrained (config.json, model.safetensors, tokenizer files).")
+    parser.add_argument("checkpoint_dir", help="a run directory (its newest checkpoint), a "
+                        "checkpoints/step_<k> folder, or the folder of one stage's model")
+    parser.add_argument("out_dir")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="cast the weights (default: the dtype they were trained in)")
+    parser.add_argument("--model", default=None, help="take config.json and the tokenizer from "
+                        "this HF checkpoint (for checkpoints that lack them)")
+    args = parser.parse_args(argv)
+    try:
+        out = export(args.checkpoint_dir, args.out_dir, args.dtype, args.model)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"distflow export: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    print(f"distflow export: wrote {out} (AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        return _export(argv[1:])
     parser = argparse.ArgumentParser(prog="distflow", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = sub.add_parser("plan", help="compare placements for a pipeline before launching")
     plan.add_argument("pipeline")
     plan.add_argument("--nproc", type=int, default=2)
+    sub.add_parser("export", help="write a checkpoint's model as a transformers folder",
+                   add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "plot":
         from distflow.plot import plot_run

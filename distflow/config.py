@@ -1,6 +1,9 @@
 """Run configuration: ``key=value`` arguments resolved against typed defaults.
 
 Resolution order: command line > the pipeline's ``defaults`` > the defaults below.
+Each section lives with the code that reads it: ``transport.*`` in
+``distflow.transport.config``, ``memory.*`` in ``distflow.memory``, ``diloco.*`` in
+``distflow.diloco``; ``fault.*`` (read by the worker) and the top-level keys are here.
 Keys of the pipeline's own ``params`` are accepted too. An unknown key or a value of the
 wrong type fails before any process opens a socket.
 """
@@ -11,44 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distflow.dag import Pipeline
+from distflow.diloco import DiLoCoConfig
 from distflow.memory import MemoryConfig
+from distflow.transport.config import ConfigError, TransportConfig
 
-
-class ConfigError(ValueError):
-    """A config key or value is wrong."""
-
-
-@dataclass(kw_only=True)
-class TransportConfig:
-    heartbeat_s: float = 0.5
-    peer_timeout_s: float = 10.0
-    """A peer silent this long is presumed dead; every survivor then fails."""
-    recv_timeout_s: float = 900.0
-    """Backstop for a single receive from live peers (a stage slower than this fails)."""
-    window: int = 2
-    """Flow control: a producer may run at most this many iterations ahead of a consumer."""
-    max_message_mb: float = 2048.0
-    ipc: bool = True
-    """Peers in the same network namespace of one machine talk over an abstract Unix
-    socket instead of TCP loopback (Linux); false: TCP everywhere."""
-    keep_large_buffers: bool = True
-    """glibc: serve large receive buffers from the heap and reuse them instead of a fresh,
-    page-faulting mmap per message (2.5x at 64 MiB; see distflow/transport/heap.py)."""
-    peer_all_reduce_mb: float = 16.0
-    """Data-parallel sums (gradients) of CPU tensors up to this size go over the data plane
-    instead of gloo, in groups of 2 ranks, and of more (up to 8) while that sends at most
-    1 MiB more than a ring would (distflow/runtime/collective.py); 0: off."""
-
-    def __post_init__(self):
-        if not 0 < self.heartbeat_s < self.peer_timeout_s:
-            raise ConfigError(f"need 0 < transport.heartbeat_s ({self.heartbeat_s}) < "
-                              f"transport.peer_timeout_s ({self.peer_timeout_s})")
-        if self.window < 1:
-            raise ConfigError(f"transport.window must be >= 1, got {self.window}")
-        if self.recv_timeout_s <= 0 or self.max_message_mb <= 0:
-            raise ConfigError("transport.recv_timeout_s and transport.max_message_mb must be > 0")
-        if self.peer_all_reduce_mb < 0:
-            raise ConfigError(f"transport.peer_all_reduce_mb must be >= 0, got {self.peer_all_reduce_mb}")
+__all__ = ["ConfigError", "FaultConfig", "RunConfig", "TransportConfig", "parse_overrides", "resolve"]
 
 
 @dataclass(kw_only=True)
@@ -63,37 +33,6 @@ class FaultConfig:
     def __post_init__(self):
         if self.mode not in ("kill", "raise"):
             raise ConfigError(f"fault.mode must be 'kill' or 'raise', got {self.mode!r}")
-
-
-@dataclass(kw_only=True)
-class DiLoCoRunConfig:
-    """Low-communication sync between islands of one trainer group (``diloco.*`` keys);
-    see ``distflow.diloco`` for the algorithm and ``DiLoCoConfig`` for the checks."""
-
-    mode: str = "ddp"  # ddp | diloco | streaming
-    group: str = ""
-    """The worker group split into islands (default: the only group that trains)."""
-    islands: int = 1
-    inner_steps: int = 30
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.9
-    fragments: int = 1
-    overlap_steps: int = 0
-    alpha: float = 0.0
-    quantize: str = "fp32"
-
-    def algorithm_config(self):
-        from distflow.diloco import DiLoCoConfig
-        return DiLoCoConfig(mode=self.mode, inner_steps=self.inner_steps, outer_lr=self.outer_lr,
-                            outer_momentum=self.outer_momentum, num_fragments=self.fragments,
-                            overlap_steps=self.overlap_steps, alpha=self.alpha,
-                            quantize=self.quantize)
-
-    def __post_init__(self):
-        if self.islands < 1:
-            raise ConfigError(f"diloco.islands must be >= 1, got {self.islands}")
-        if self.mode != "ddp":
-            self.algorithm_config()  # raises ValueError naming the numbers
 
 
 @dataclass(kw_only=True)
@@ -117,7 +56,7 @@ class RunConfig:
     """Continue from the newest complete checkpoint in ``out``."""
     transport: TransportConfig = field(default_factory=TransportConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
-    diloco: DiLoCoRunConfig = field(default_factory=DiLoCoRunConfig)
+    diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     params: dict[str, Any] = field(default_factory=dict)
 
@@ -174,7 +113,7 @@ def resolve(pipeline: Pipeline, overrides: dict[str, Any]) -> RunConfig:
     merged = {**pipeline.defaults, **overrides}
     top = {f.name: f for f in dataclasses.fields(RunConfig)}
     kwargs: dict[str, Any] = {"groups": {}, "params": dict(pipeline.params)}
-    sections = {"transport": TransportConfig, "fault": FaultConfig, "diloco": DiLoCoRunConfig,
+    sections = {"transport": TransportConfig, "fault": FaultConfig, "diloco": DiLoCoConfig,
                 "memory": MemoryConfig}
     nested: dict[str, dict] = {name: {} for name in sections}
     for key, raw in merged.items():

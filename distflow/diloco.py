@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterable, Protocol
@@ -51,14 +50,21 @@ MODES = ("ddp", "diloco", "streaming")
 
 @dataclass(kw_only=True)
 class DiLoCoConfig:
+    """``diloco.*`` config keys: low-communication sync between the islands of one
+    trainer group."""
+
     mode: str = "ddp"
     """ddp | diloco | streaming."""
+    group: str = ""
+    """The worker group split into islands (default: the only group that trains)."""
+    islands: int = 1
+    """Number of islands; must divide the group's size."""
     inner_steps: int = 30
     """H: inner steps between two syncs of a fragment."""
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     nesterov: bool = True
-    num_fragments: int = 1
+    fragments: int = 1
     """P (streaming)."""
     overlap_steps: int = 0
     """tau (streaming): inner steps a fragment's exchange overlaps; must be < H / P."""
@@ -72,10 +78,12 @@ class DiLoCoConfig:
             raise ValueError(f"unknown diloco mode {self.mode!r}; choose one of {MODES}")
         if self.quantize not in FORMATS:
             raise ValueError(f"unknown quantize format {self.quantize!r}; choose one of {FORMATS}")
+        if self.islands < 1:
+            raise ValueError(f"diloco.islands must be >= 1, got {self.islands}")
         if self.inner_steps < 1:
             raise ValueError(f"inner_steps (H) must be >= 1, got {self.inner_steps}")
-        if self.num_fragments < 1:
-            raise ValueError(f"num_fragments (P) must be >= 1, got {self.num_fragments}")
+        if self.fragments < 1:
+            raise ValueError(f"fragments (P) must be >= 1, got {self.fragments}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.overlap_steps < 0:
@@ -84,14 +92,14 @@ class DiLoCoConfig:
             raise ValueError(f"outer_lr must be > 0, got {self.outer_lr}")
         if not 0.0 <= self.outer_momentum < 1.0:
             raise ValueError(f"outer_momentum must be in [0, 1), got {self.outer_momentum}")
-        if self.mode == "streaming" and self.overlap_steps >= self.inner_steps / self.num_fragments:
+        if self.mode == "streaming" and self.overlap_steps >= self.inner_steps / self.fragments:
             raise ValueError(
-                f"overlap_steps (tau={self.overlap_steps}) must be < inner_steps / num_fragments "
-                f"(H/P = {self.inner_steps}/{self.num_fragments} = "
-                f"{self.inner_steps / self.num_fragments:g}) so one exchange is in flight at a time")
-        if self.mode == "diloco" and (self.num_fragments, self.overlap_steps, self.alpha) != (1, 0, 0.0):
+                f"overlap_steps (tau={self.overlap_steps}) must be < inner_steps / fragments "
+                f"(H/P = {self.inner_steps}/{self.fragments} = "
+                f"{self.inner_steps / self.fragments:g}) so one exchange is in flight at a time")
+        if self.mode == "diloco" and (self.fragments, self.overlap_steps, self.alpha) != (1, 0, 0.0):
             raise ValueError(
-                f"num_fragments={self.num_fragments}, overlap_steps={self.overlap_steps}, "
+                f"fragments={self.fragments}, overlap_steps={self.overlap_steps}, "
                 f"alpha={self.alpha} are streaming options; mode 'diloco' needs 1, 0, 0.0 "
                 "(use mode='streaming')")
 
@@ -158,49 +166,6 @@ class _WorkHandle:
             self.work.wait(self.timeout)
             self.work = None
         return self.out
-
-
-class _Rendezvous:
-    def __init__(self, num_islands: int, timeout_s: float):
-        self.timeout_s = timeout_s
-        self.barrier = threading.Barrier(num_islands, timeout=timeout_s)
-        self.slots: list[torch.Tensor | None] = [None] * num_islands
-
-
-class ThreadReducer:
-    """Islands as threads of one process (tests): ``ThreadReducer.group(n)`` gives one
-    reducer per island. Gathers rendezvous on a barrier; the handle of
-    ``start_all_gather`` is already complete."""
-
-    def __init__(self, rendezvous: _Rendezvous, island: int):
-        self._rv, self.island = rendezvous, island
-        self.num_islands = len(rendezvous.slots)
-
-    @classmethod
-    def group(cls, num_islands: int, timeout_s: float = 60.0) -> list["ThreadReducer"]:
-        rendezvous = _Rendezvous(num_islands, timeout_s)
-        return [cls(rendezvous, i) for i in range(num_islands)]
-
-    def all_gather_bytes(self, payload: torch.Tensor) -> list[torch.Tensor]:
-        self._rv.slots[self.island] = payload.detach().clone()
-        self._wait()
-        out = list(self._rv.slots)  # slots are rebound, never written in place
-        self._wait()  # nobody overwrites a slot before every island has read them all
-        return out
-
-    def start_all_gather(self, payload: torch.Tensor) -> GatherHandle:
-        return CompletedGather(self.all_gather_bytes(payload))
-
-    def abort(self) -> None:
-        """Break the barrier so the other islands fail instead of waiting out the timeout."""
-        self._rv.barrier.abort()
-
-    def _wait(self) -> None:
-        try:
-            self._rv.barrier.wait()
-        except threading.BrokenBarrierError:
-            raise TimeoutError(f"island {self.island}: a peer island failed or did not reach "
-                               f"the gather within {self._rv.timeout_s}s") from None
 
 
 # --------------------------------------------------------------------------- fragments
@@ -299,12 +264,12 @@ class DiLoCo:
         if fragments is None:
             if self.cfg.mode == "diloco":
                 return [names]
-            return make_fragments(self.params.items(), self.cfg.num_fragments)
+            return make_fragments(self.params.items(), self.cfg.fragments)
         validate_fragments(fragments, names)
-        expected = 1 if self.cfg.mode == "diloco" else self.cfg.num_fragments
+        expected = 1 if self.cfg.mode == "diloco" else self.cfg.fragments
         if len(fragments) != expected:
             raise ValueError(f"got {len(fragments)} fragments, mode {self.cfg.mode!r} with "
-                             f"num_fragments={self.cfg.num_fragments} needs {expected}")
+                             f"fragments={self.cfg.fragments} needs {expected}")
         return [list(f) for f in fragments]
 
     # ---- schedule

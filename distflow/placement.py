@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import networkx as nx
+
 from distflow.dag import Pipeline
 
 STRATEGIES = ("colocated", "split", "interleaved", "disaggregated")
@@ -80,6 +82,35 @@ def weight_sync_ranks(pipeline: Pipeline, placement: Placement) -> tuple[int, ..
     return (trainer[0], *rollout)
 
 
+def check_weight_sync_order(pipeline: Pipeline, placement: Placement) -> None:
+    """Reject a disaggregated layout that would deadlock on weight sync.
+
+    The trainer sends the weights of update k to the rollout group at the end of step k
+    and waits until generation of step k + 1 + max_staleness takes them. If a stage on
+    any trainer rank must run before generation within a step, that generation waits
+    for the trainer, which is still waiting in its send: neither side moves.
+    """
+    trainer_group, rollout_group = pipeline.weight_sync
+    trainer = set(placement.ranks(trainer_group))
+    trained = {m for s in pipeline.stages if s.group == trainer_group
+               for m, role in getattr(s.fn, "holds", {}).items() if role == "train"}
+    in_rollout = [s for s in pipeline.stages if s.group == rollout_group]
+    generation = [s for s in in_rollout if set(getattr(s.fn, "holds", {})) & trained] or in_rollout
+    for gen in generation:
+        for name in sorted(nx.ancestors(pipeline.graph, gen.name), key=pipeline.order.index):
+            stage = pipeline.stage(name)
+            on_trainer = sorted(trainer & set(placement.ranks(stage.group)))
+            if on_trainer:
+                raise PlacementError(
+                    f"placement={placement.strategy} would deadlock on weight sync: stage "
+                    f"{name!r} (group {stage.group!r}) runs on trainer ranks {on_trainer} "
+                    f"before generation stage {gen.name!r} (group {rollout_group!r}, ranks "
+                    f"{list(placement.ranks(rollout_group))}) in every step, but the trainer "
+                    f"sends the weights that {gen.name!r} waits for at the end of the previous "
+                    f"step and blocks until {gen.name!r} takes them. Place {name!r} on the "
+                    f"{rollout_group!r} workers or after generation")
+
+
 def _split(names: list[str], sizes: dict, world_size: int) -> dict[str, tuple[int, ...]]:
     missing = [g for g in names if g not in sizes]
     if missing:
@@ -118,12 +149,6 @@ class Islands:
 
     def island_of(self, rank: int) -> int:
         return next(i for i, m in enumerate(self.members) if rank in m)
-
-    def peers_of(self, rank: int) -> tuple[int, ...]:
-        """The rank at the same position in every island (the outer-sync group)."""
-        i = self.island_of(rank)
-        pos = self.members[i].index(rank)
-        return tuple(m[pos] for m in self.members)
 
 
 def plan_islands(pipeline: Pipeline, placement: Placement, group: str, count: int) -> Islands:

@@ -12,18 +12,25 @@ import json
 import logging
 import platform
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
-from distflow.config import RunConfig, parse_overrides, resolve
+import msgpack
+import networkx
+import torch
+import torch.distributed as dist
+import zmq
+
+from distflow.config import parse_overrides, resolve
 from distflow.dag import Pipeline
 from distflow.memory import configure_allocator
-from distflow.placement import (Islands, Placement, plan_islands, plan_placement,
-                                weight_sync_ranks)
 from distflow.runtime.affinity import pin_local_rank
-from distflow.runtime.exchange import plan_routes
+from distflow.runtime.plan import RunPlan, make_plan
 from distflow.runtime.progress import ProgressPrinter
 from distflow.runtime.rendezvous import (DistEnv, bind_host, exchange_endpoints,
                                          init_collectives, new_process_groups)
+from distflow.runtime.worker import Worker
+from distflow.transport.peer import Peer
 
 EXIT_CONFIG, EXIT_FAILED = 2, 1
 
@@ -42,36 +49,22 @@ def load_pipeline(path: str) -> Pipeline:
     return pipeline
 
 
-def islands_of(pipeline: Pipeline, cfg: RunConfig, placement: Placement) -> Islands | None:
-    if cfg.diloco.mode == "ddp":
-        return None
-    return plan_islands(pipeline, placement, cfg.diloco.group, cfg.diloco.islands)
-
-
-def prepare(path: str, args: list[str], world_size: int) -> tuple[Pipeline, RunConfig, Placement]:
+def prepare(path: str, args: list[str], world_size: int) -> RunPlan:
     """Everything that can be checked without talking to anyone; raises ValueError."""
     pipeline = load_pipeline(path)
     cfg = resolve(pipeline, parse_overrides(args))
-    placement = plan_placement(pipeline, world_size, cfg.placement, cfg.groups)
-    plan_routes(pipeline, placement, cfg.routing)
-    islands_of(pipeline, cfg, placement)
-    weight_sync_ranks(pipeline, placement)
-    if pipeline.check:
-        pipeline.check(cfg.params)
     cfg.out = cfg.out or f"runs/{pipeline.name}"
-    return pipeline, cfg, placement
+    return make_plan(pipeline, cfg, world_size)
 
 
 def _versions() -> dict[str, str]:
-    import msgpack, networkx, torch, zmq
-    from importlib.metadata import version
     return {"distflow": version("distflow"), "python": platform.python_version(),
             "torch": torch.__version__, "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(),
             "msgpack": ".".join(map(str, msgpack.version)), "networkx": networkx.__version__}
 
 
-def _write_run_json(out: Path, path: str, pipeline: Pipeline, cfg: RunConfig,
-                    placement: Placement, endpoints: dict) -> None:
+def _write_run_json(out: Path, path: str, plan: RunPlan, endpoints: dict) -> None:
+    pipeline, cfg, placement = plan.pipeline, plan.config, plan.placement
     info = {"pipeline": pipeline.name, "pipeline_file": str(Path(path).resolve()),
             "world_size": placement.world_size, "config": cfg.to_dict(),
             "placement": {"strategy": placement.strategy, "groups": placement.describe(),
@@ -100,24 +93,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     env = DistEnv.from_environ()
     try:
-        pipeline, cfg, placement = prepare(argv[0], argv[1:], env.world_size)
+        plan = prepare(argv[0], argv[1:], env.world_size)
     except (ValueError, TypeError, FileNotFoundError) as e:
         _fail(env.rank, "", f"{type(e).__name__}: {e}", None)
         return EXIT_CONFIG
-    out = Path(cfg.out)
+    out = Path(plan.config.out)
     out.mkdir(parents=True, exist_ok=True)
-    configure_allocator(cfg.memory)
-    return _run(argv[0], env, pipeline, cfg, placement, out)
+    configure_allocator(plan.config.memory)
+    return _run(argv[0], env, plan, out)
 
 
-def _run(path, env, pipeline, cfg, placement, out) -> int:
-    from distflow.transport.peer import Peer
-    from distflow.runtime.worker import Worker
-
+def _run(path: str, env: DistEnv, plan: RunPlan, out: Path) -> int:
+    cfg = plan.config
     init_collectives(env)
-    islands = islands_of(pipeline, cfg, placement)
-    sync_ranks = weight_sync_ranks(pipeline, placement)
-    process_groups = new_process_groups(placement, islands, sync_ranks)
+    process_groups = new_process_groups(plan.placement, plan.islands, plan.sync_ranks)
     peer = Peer(env.rank, env.world_size, bind_host(env.master_addr), cfg.transport)
     worker = None
     try:
@@ -125,10 +114,9 @@ def _run(path, env, pipeline, cfg, placement, out) -> int:
         peer.connect(endpoints)
         pin_local_rank(env.local_rank)  # CPU runs: each local rank on its own cores
         if env.rank == 0:
-            _write_run_json(out, path, pipeline, cfg, placement, endpoints)
+            _write_run_json(out, path, plan, endpoints)
         progress = ProgressPrinter(cfg.steps) if env.rank == 0 else None
-        worker = Worker(pipeline, cfg, placement, peer, out, process_groups, islands,
-                        sync_ranks, on_step=progress and progress.update)
+        worker = Worker(plan, peer, process_groups, on_step=progress and progress.update)
         worker.run()
         if progress:
             progress.close()
@@ -149,7 +137,6 @@ def _run(path, env, pipeline, cfg, placement, out) -> int:
 
 
 def _destroy_collectives() -> None:
-    import torch.distributed as dist
     if dist.is_initialized():
         dist.destroy_process_group()
 

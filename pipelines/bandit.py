@@ -27,7 +27,6 @@ from distflow import Batch, Pipeline, Stage
 from distflow.engines.sampling import uniform
 
 N_CONTEXTS = N_ACTIONS = 10
-_trained: dict[str, "Policy"] = {}  # the policy this process trains, shared with a co-located rollout
 
 
 def target(x: torch.Tensor) -> torch.Tensor:
@@ -42,9 +41,8 @@ class Policy(torch.nn.Module):
 
 
 def trained_policy(ctx) -> Policy:
-    if "policy" not in _trained:
-        _trained["policy"] = Policy(ctx.seed)
-    return _trained["policy"]
+    """The policy this process trains, shared with a co-located rollout."""
+    return ctx.shared("policy", lambda: Policy(ctx.seed))
 
 
 def load(ctx):
@@ -64,29 +62,26 @@ class Rollout:
     def __init__(self, ctx):
         self.sync = ctx.weight_sync  # None when co-located with the trainer
         self.policy = Policy(ctx.seed) if self.sync else trained_policy(ctx)
-        self.version = 0
 
     def __call__(self, ctx, prompts):
-        if self.sync is None:
-            self.version = ctx.step
-        while self.version < ctx.step - ctx.max_staleness:
-            self.version = self.sync.receive(self.policy)
+        version = self.sync.refresh(self.policy, ctx.step) if self.sync else ctx.step
         with torch.no_grad():
             probs = torch.softmax(self.policy.logits[prompts["x"]], dim=-1)
         cdf = probs.double().cumsum(-1)
         u = uniform(prompts.sample_ids + ctx.seed * 1_000_000_007)[:, None] * cdf[:, -1:]
         action = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=N_ACTIONS - 1)
-        ctx.log(**{"rollout/staleness": ctx.step - self.version})
+        ctx.log(**{"rollout/staleness": ctx.step - version})
         return {"samples": prompts.with_columns(action=action)}
 
 
 def reward(ctx, samples):
     r = (samples["action"] == target(samples["x"])).float()
-    return {"scored": samples.with_columns(reward=r)}
+    return {"scored": samples.only(reward=r)}  # only the new column travels on
 
 
-def advantage(ctx, scored):
+def advantage(ctx, samples, scored):
     """Group-normalized advantage: (r - mean_group) / (std_group + eps)."""
+    scored = samples.join(scored)
     r, groups = scored["reward"], scored.groups
     _, inverse = torch.unique(groups, return_inverse=True)
     count = torch.bincount(inverse).float()
@@ -117,9 +112,8 @@ class Update:
         if ctx.dp_size > 1:  # data parallel: sum the gradient shares over the group
             dist.all_reduce(self.policy.logits.grad, group=ctx.process_group)
         self.opt.step()
-        version = ctx.step + 1  # updates applied so far
-        if ctx.weight_sync is not None and version <= ctx.steps - 1 - ctx.max_staleness:
-            ctx.weight_sync.send(self.policy, version)  # only versions a rollout will take
+        if ctx.weight_sync is not None:
+            ctx.weight_sync.publish(self.policy, ctx.step)
         if len(advantaged):
             ctx.log_mean(len(advantaged), **{
                 "reward/mean": advantaged["reward"].mean(),
@@ -146,7 +140,7 @@ pipeline = Pipeline("bandit", [
     Stage("load", load, outputs=["prompts"], group="rollout"),
     Stage("rollout", Rollout, inputs=["prompts"], outputs=["samples"], group="rollout"),
     Stage("reward", reward, inputs=["samples"], outputs=["scored"], group="reward"),
-    Stage("advantage", advantage, inputs=["scored"], outputs=["advantaged"], group="policy"),
+    Stage("advantage", advantage, inputs=["samples", "scored"], outputs=["advantaged"], group="policy"),
     Stage("update", Update, inputs=["advantaged"], group="policy"),
 ], params={"prompts": 32, "group_size": 8, "lr": 0.1}, defaults={"steps": 40},
     layouts={"interleaved": _interleaved, "disaggregated": _disaggregated},

@@ -29,9 +29,10 @@ pipeline = Pipeline("grpo", [
     Stage("gen", Rollout, inputs=["prompts"], outputs=["rollouts"], group="rollout"),
     Stage("reward", Reward, inputs=["rollouts"], outputs=["scored"], group="reward"),
     Stage("ref", RefLogprobs, inputs=["rollouts"], outputs=["with_ref"], group="ref"),
-    Stage("adv", Advantages, inputs=["scored", "with_ref"], outputs=["train_batch"], group="actor"),
+    Stage("adv", Advantages, inputs=["rollouts", "scored", "with_ref"], outputs=["train_batch"], group="actor"),
     Stage("update_actor", ActorUpdate, inputs=["train_batch"], group="actor"),
 ], params={
+    "dtype": "auto",  # float32 | bfloat16 (fp32 master weights) | auto: the checkpoint's
     "model": "tiny", "task": "reverse", "reward": "reverse", "reward_model": "",
     "prompts": 32, "group_size": 8, "max_prompt_len": 3, "max_new_tokens": 3,
     "temperature": 1.0, "top_p": 1.0, "top_k": 0,

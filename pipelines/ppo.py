@@ -25,11 +25,12 @@ pipeline = Pipeline("ppo", [
     Stage("reward", Reward, inputs=["rollouts"], outputs=["scored"], group="reward"),
     Stage("ref", RefLogprobs, inputs=["rollouts"], outputs=["with_ref"], group="ref"),
     Stage("values", Values, inputs=["rollouts"], outputs=["with_values"], group="critic"),
-    Stage("adv", Advantages, inputs=["scored", "with_ref", "with_values"],
+    Stage("adv", Advantages, inputs=["rollouts", "scored", "with_ref", "with_values"],
           outputs=["train_batch"], group="critic"),
     Stage("update_critic", CriticUpdate, inputs=["train_batch"], group="critic"),
     Stage("update_actor", ActorUpdate, inputs=["train_batch"], group="actor"),
 ], params={
+    "dtype": "auto",  # float32 | bfloat16 (fp32 master weights) | auto: the checkpoint's
     "model": "tiny", "task": "reverse", "reward": "reverse", "reward_model": "",
     "prompts": 32, "group_size": 8, "max_prompt_len": 3, "max_new_tokens": 3,
     "temperature": 1.0, "top_p": 1.0, "top_k": 0,

@@ -8,8 +8,8 @@
 """
 from __future__ import annotations
 
+import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +19,27 @@ from safetensors.torch import load_file
 
 from distflow.run import load_pipeline
 from distflow.runtime.context import StageContext
+from distflow.runtime.rendezvous import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINES = REPO / "tests" / "pipelines"
+GOLDEN = REPO / "tests" / "golden"
+_NOT_COMPUTED = ("timing_s/", "comm_s/", "memory/", "perf/", "count/bytes_sent")
+
+
+def assert_golden(name: str, rows: list[dict]) -> None:
+    """Every computed metric (not timings, memory or bytes sent) equal, bit for bit, to
+    ``tests/golden/NAME.json``: a refactor of how data moves must not change one float.
+    Recorded on the 2-core CPU box with torch 2.13.0+cpu; a change meant to alter the
+    numerics rewrites them with DISTFLOW_REGEN_GOLDEN=1 (and says so in its commit)."""
+    computed = [{k: v for k, v in r.items() if not k.startswith(_NOT_COMPUTED)} for r in rows]
+    path = GOLDEN / f"{name}.json"
+    if os.environ.get("DISTFLOW_REGEN_GOLDEN") == "1":
+        path.write_text(json.dumps(computed, indent=1) + "\n")
+    golden = json.loads(path.read_text())
+    diffs = [(g.get("step"), k, g.get(k), c.get(k)) for g, c in zip(golden, computed)
+             for k in sorted(set(g) | set(c)) if g.get(k) != c.get(k)]
+    assert len(computed) == len(golden) and not diffs, (name, "(step, key, golden, now)", diffs[:5])
 
 
 def _env() -> dict:
@@ -34,12 +52,6 @@ def torchrun(pipeline: str | Path, nproc: int, out: Path, *overrides: str,
            f"--nproc_per_node={nproc}", "-m", "distflow.run", str(pipeline), f"out={out}",
            *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spawn(pipeline: str | Path, nproc: int, out: Path, *overrides: str) -> list[subprocess.Popen]:
@@ -58,11 +70,14 @@ def reference(pipeline_path: str | Path, steps: int, out: Path, **params) -> Non
     """Run the DAG in this process: every stage once per step on the whole batch."""
     pipeline = load_pipeline(str(pipeline_path))
     params = {**pipeline.params, **params}
+    models: dict = {}
     for step in range(steps):
         data = {}
         for name in pipeline.order:
             stage = pipeline.stage(name)
-            ctx = StageContext(name, 0, 1, stage.group, (0,), 0, 1, params, 0, out, step=step)
+            ctx = StageContext(stage=name, rank=0, world_size=1, group=stage.group, ranks=(0,),
+                               dp_rank=0, dp_size=1, params=params, seed=0, out_dir=out, step=step,
+                               models=models)
             inputs = [data[n] for n in stage.inputs]
             if len(inputs) > 1:
                 inputs = [v.sorted() for v in inputs]

@@ -66,4 +66,5 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path):
     saved = sorted(p.name for p in (part / "checkpoints").iterdir())
     assert saved == ["step_2", "step_5"]
     files = {p.name for p in (part / "checkpoints" / "step_5" / "update_actor").iterdir()}
-    assert files == {"model.safetensors", "optimizer.safetensors", "optimizer.json"}
+    assert files == {"model.safetensors", "optimizer.safetensors", "optimizer.json",
+                     "config.json", "char_tokenizer.json"}  # the last two: for `distflow export`

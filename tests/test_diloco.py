@@ -15,8 +15,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from distflow.diloco import (DiLoCo, DiLoCoConfig, ProcessGroupReducer, ThreadReducer,
-                             make_fragments, validate_fragments)
+from diloco_threads import ThreadReducer
+from distflow.diloco import (DiLoCo, DiLoCoConfig, ProcessGroupReducer, make_fragments,
+                             validate_fragments)
 from distflow.models import DecoderLM, preset
 
 
@@ -121,7 +122,7 @@ def test_streaming_one_fragment_equals_diloco(quantize):
     base = decoder()
     out = {}
     for mode in ("diloco", "streaming"):
-        cfg = DiLoCoConfig(mode=mode, inner_steps=3, num_fragments=1, quantize=quantize)
+        cfg = DiLoCoConfig(mode=mode, inner_steps=3, fragments=1, quantize=quantize)
         out[mode] = run_islands(2, lambda i, r: params(train(copy.deepcopy(base), cfg, r, i, 7, lm_loss, adamw)[0]))
     for a, b in zip(out["diloco"], out["streaming"]):
         assert all(torch.equal(a[n], b[n]) for n in a)
@@ -130,7 +131,7 @@ def test_streaming_one_fragment_equals_diloco(quantize):
 
 def test_outer_state_identical_on_every_island_and_alpha_one_keeps_local():
     base = decoder()
-    cfg = DiLoCoConfig(mode="streaming", inner_steps=4, num_fragments=2, overlap_steps=1,
+    cfg = DiLoCoConfig(mode="streaming", inner_steps=4, fragments=2, overlap_steps=1,
                        alpha=1.0, quantize="e3m0")
 
     def island(i, reducer):
@@ -227,7 +228,7 @@ def _ten_constant_gradient_steps(i, reducer, cfg):
 
 def _hand_config(tau, alpha):
     """The streaming setting of the hand-computed tables."""
-    return DiLoCoConfig(mode="streaming", inner_steps=4, num_fragments=2, overlap_steps=tau,
+    return DiLoCoConfig(mode="streaming", inner_steps=4, fragments=2, overlap_steps=tau,
                         alpha=alpha, outer_lr=0.5, outer_momentum=0.5)
 
 
@@ -311,7 +312,7 @@ def test_merge_weights_local_by_alpha():
 
 def test_resume_mid_flight_equals_uninterrupted(tmp_path):
     base = decoder()
-    cfg = DiLoCoConfig(mode="streaming", inner_steps=4, num_fragments=2, overlap_steps=1,
+    cfg = DiLoCoConfig(mode="streaming", inner_steps=4, fragments=2, overlap_steps=1,
                        alpha=0.5, quantize="e3m0")
     total, cut = 12, 6  # fragment 1 starts at t=6 and finishes at t=7: in flight at the cut
 
@@ -350,17 +351,17 @@ def test_resume_mid_flight_equals_uninterrupted(tmp_path):
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(inner_steps=0), "inner_steps \\(H\\) must be >= 1, got 0"),
-    (dict(mode="streaming", inner_steps=8, num_fragments=4, overlap_steps=2), "tau=2.*8/4 = 2"),
-    (dict(mode="streaming", inner_steps=30, num_fragments=4, overlap_steps=8), "tau=8.*30/4 = 7.5"),
+    (dict(mode="streaming", inner_steps=8, fragments=4, overlap_steps=2), "tau=2.*8/4 = 2"),
+    (dict(mode="streaming", inner_steps=30, fragments=4, overlap_steps=8), "tau=8.*30/4 = 7.5"),
     (dict(alpha=1.5), "alpha must be in \\[0, 1\\], got 1.5"),
     (dict(alpha=-0.1), "got -0.1"),
     (dict(mode="localsgd"), "'localsgd'"),
     (dict(quantize="fp8"), "'fp8'"),
-    (dict(num_fragments=0), "num_fragments \\(P\\) must be >= 1, got 0"),
+    (dict(fragments=0), "fragments \\(P\\) must be >= 1, got 0"),
     (dict(overlap_steps=-1), "got -1"),
     (dict(outer_lr=0.0), "outer_lr must be > 0, got 0.0"),
     (dict(outer_momentum=1.0), "got 1.0"),
-    (dict(mode="diloco", num_fragments=2), "num_fragments=2.*mode='streaming'"),
+    (dict(mode="diloco", fragments=2), "fragments=2.*mode='streaming'"),
 ])
 def test_bad_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -370,7 +371,7 @@ def test_bad_config(kwargs, message):
 def test_fragments_must_cover_every_param_once():
     model = decoder()
     names = [n for n, _ in model.named_parameters()]
-    cfg = DiLoCoConfig(mode="streaming", inner_steps=4, num_fragments=2)
+    cfg = DiLoCoConfig(mode="streaming", inner_steps=4, fragments=2)
     reducer = ThreadReducer.group(1)[0]
     with pytest.raises(ValueError, match=r"missing \['norm.weight'\]"):
         DiLoCo(model, cfg, reducer, [names[:10], names[10:-1]])
@@ -414,7 +415,7 @@ def test_ddp_mode_is_a_no_op():
 
 GLOO_CONFIGS = [
     DiLoCoConfig(mode="diloco", inner_steps=3, quantize="e3m0"),
-    DiLoCoConfig(mode="streaming", inner_steps=4, num_fragments=2, overlap_steps=1, alpha=0.5),
+    DiLoCoConfig(mode="streaming", inner_steps=4, fragments=2, overlap_steps=1, alpha=0.5),
 ]
 GLOO_STEPS = 9
 

@@ -6,7 +6,7 @@ import pytest
 
 from distflow import checkpoint
 from distflow.runtime.metrics import read_metrics
-from harness import REPO
+from harness import REPO, assert_golden
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 LM = REPO / "pipelines" / "lm_diloco.py"
@@ -72,6 +72,7 @@ def test_lm_diloco_runs_the_same_in_all_three_placements(tmp_path):
         r = _run(LM, tmp_path / placement, *args)
         assert r.returncode == 0, (placement, r.stderr[-3000:])
         runs[placement] = read_metrics(tmp_path / placement / "metrics.jsonl")
+        assert_golden(f"lm_diloco-{placement}", runs[placement])
     base = runs["colocated"]
     assert base[-1]["diloco/syncs"] >= 1
     for placement in ("interleaved", "disaggregated"):

@@ -23,7 +23,7 @@ def _prompts(seed=0, n=6, vocab=32):
 
 
 @torch.no_grad()
-def _greedy_reference(model, prompt, max_new):
+def _greedy_reference(model, prompt, max_new, eos=EOS):
     """Full recompute every step, one prompt at a time, no padding, no cache."""
     seq, out, logps = list(prompt), [], []
     for _ in range(max_new):
@@ -31,7 +31,7 @@ def _greedy_reference(model, prompt, max_new):
         tok = int(logits.argmax())
         out.append(tok)
         logps.append(float(torch.log_softmax(logits.float(), -1)[tok]))
-        if tok == EOS:
+        if tok == eos:
             break
         seq.append(tok)
     return out, logps
@@ -149,3 +149,129 @@ def test_counter_based_uniform_is_uniform():
     assert 0 <= float(u.min()) and float(u.max()) < 1
     hist = torch.histc(u.float(), bins=10, min=0, max=1) / len(u)
     assert (hist - 0.1).abs().max() < 0.005
+
+
+# ---------------------------------------------------------------------------- live-row generation
+def _ragged_eos(model, prompts, max_new):
+    """An end token for which greedy rows end at many different steps: the token whose
+    first occurrence (in a run without any stop) falls on the most distinct steps."""
+    free = InferenceEngine(model, -1, PAD).generate(prompts, SamplingParams(temperature=0, max_new_tokens=max_new))
+    best, spread = 0, -1
+    for tok in range(3, model.config.vocab_size):
+        firsts = {int((row == tok).nonzero()[0]) for row in free.responses if bool((row == tok).any())}
+        if len(firsts) > spread:
+            best, spread = tok, len(firsts)
+    return best
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_compaction_matches_the_padded_engine_and_full_recompute(seed):
+    model = _model(seed)
+    model.reset_parameters(std=0.5)  # less degenerate greedy text than the default init
+    prompts = _prompts(seed, n=24) + _prompts(seed, n=8)[:4] * 3  # ragged, some repeated
+    params = SamplingParams(temperature=0, max_new_tokens=20)
+    eos = _ragged_eos(model, prompts, 20)
+    live = InferenceEngine(model, eos, PAD).generate(prompts, params)
+    padded = InferenceEngine(model, eos, PAD, compact=False).generate(prompts, params)
+    lengths = live.lengths.tolist()
+    assert len(set(lengths)) >= 4, lengths  # rows really end at different steps
+    assert torch.equal(live.responses, padded.responses)
+    assert torch.equal(live.response_mask, padded.response_mask)
+    assert torch.equal(live.lengths, padded.lengths)
+    assert torch.allclose(live.logprobs, padded.logprobs, atol=1e-5)
+    for i in (0, 5, 17, 30):
+        ref, _ = _greedy_reference(model, prompts[i], 20, eos)
+        assert live.responses[i, :lengths[i]].tolist() == ref
+
+
+def test_compaction_keeps_each_samples_draws():
+    model = _model(2)
+    with torch.no_grad():  # EOS likely enough that sampled rows end at different steps
+        model.lm_head.weight[EOS] += 0.15 * model.lm_head.weight.std()
+    prompts = _prompts(2, n=4) * 4  # GRPO-like groups
+    params = SamplingParams(temperature=1.0, top_k=20, max_new_tokens=16)
+    seeds = torch.arange(500, 516)
+    live = InferenceEngine(model, EOS, PAD).generate(prompts, params, row_seeds=seeds)
+    padded = InferenceEngine(model, EOS, PAD, compact=False).generate(prompts, params, row_seeds=seeds)
+    assert len(set(live.lengths.tolist())) >= 3
+    assert torch.equal(live.responses, padded.responses)
+    assert torch.allclose(live.logprobs, padded.logprobs, atol=1e-5)
+
+
+def test_the_kv_cache_is_allocated_once_and_reused():
+    model = _model(3)
+    eng = InferenceEngine(model, EOS, PAD)
+    params = SamplingParams(temperature=0, max_new_tokens=10)
+    big, small = _prompts(3, n=12), _prompts(4, n=5)
+    first = eng.generate(big, params)
+    cache = eng.cache
+    again = eng.generate(small, params)   # fits: the same storage, nothing stale leaks in
+    assert eng.cache is cache and cache.capacity == 12
+    fresh = InferenceEngine(model, EOS, PAD).generate(small, params)
+    assert torch.equal(again.responses, fresh.responses)
+    assert torch.equal(eng.generate(big, params).responses, first.responses)
+    eng.generate(_prompts(5, n=20), params)  # more rows: grows
+    assert eng.cache.capacity == 20
+
+
+def test_kv_cache_move_and_select():
+    from distflow.models import KVCache
+    model = _model(0)
+    c = KVCache.allocate(model.config, 4, 6)
+    c.start(4)
+    k = torch.arange(4.0)[:, None, None, None].expand(4, 2, 3, c.keys[0].shape[-1])
+    for layer in range(c.num_layers):
+        c.update(layer, k, k + 10)
+    c.advance(3)
+    c.move(torch.tensor([3]), torch.tensor([1]), 3)  # row 1 finished: row 3 takes its place
+    assert c.batch == 3 and c.keys[0][:, 0, 0, 0].tolist() == [0.0, 3.0, 2.0]
+    c.select(torch.tensor([2, 2, 0, 1]))
+    assert c.batch == 4 and c.values[1][:, 1, 2, 0].tolist() == [12.0, 12.0, 10.0, 13.0]
+    with pytest.raises(ValueError, match="holds 4 rows"):
+        c.start(5)
+
+
+def test_greedy_with_ragged_eos_matches_transformers_generate(tmp_path):
+    tr = pytest.importorskip("transformers")
+    from distflow.models import load_pretrained
+    torch.manual_seed(0)
+    config = tr.Qwen2Config(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                            tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    hf = tr.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.5) if p.dim() > 1 else None
+    hf.save_pretrained(tmp_path)
+    ours = load_pretrained(tmp_path).eval()
+    prompts = _prompts(7, n=20)
+    eos = _ragged_eos(ours, prompts, 16)
+    gen = InferenceEngine(ours, eos, PAD).generate(prompts, SamplingParams(temperature=0, max_new_tokens=16))
+    assert len(set(gen.lengths.tolist())) >= 4
+    ids, mask = left_pad(prompts, PAD)
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, attention_mask=mask.long(), do_sample=False, max_new_tokens=16,
+                          eos_token_id=eos, pad_token_id=PAD, num_beams=1)[:, ids.shape[1]:]
+    for i, n in enumerate(gen.lengths.tolist()):
+        assert gen.responses[i, :n].tolist() == ref[i, :n].tolist(), i
+
+
+@pytest.mark.parametrize("max_batch", [1, 5])
+def test_continuous_batching_gives_each_row_what_one_batch_gives(max_batch):
+    model = _model(0)
+    model.reset_parameters(std=0.5)
+    prompts = _prompts(1, n=14)
+    eos = _ragged_eos(model, prompts, 12)
+    greedy = SamplingParams(temperature=0, max_new_tokens=12)
+    whole = InferenceEngine(model, eos, PAD).generate(prompts, greedy)
+    assert len(set(whole.lengths.tolist())) >= 4
+    eng = InferenceEngine(model, eos, PAD, max_batch=max_batch)
+    cont = eng.generate(prompts, greedy)
+    assert eng.cache.capacity == max_batch
+    assert torch.equal(cont.responses, whole.responses) and torch.equal(cont.lengths, whole.lengths)
+    assert torch.allclose(cont.logprobs, whole.logprobs, atol=1e-5)
+    sampled = SamplingParams(temperature=1.0, max_new_tokens=12)
+    seeds = torch.arange(40, 54)
+    a = InferenceEngine(model, eos, PAD).generate(prompts, sampled, row_seeds=seeds)
+    b = eng.generate(prompts, sampled, row_seeds=seeds)
+    assert torch.equal(a.responses, b.responses) and torch.equal(a.response_mask, b.response_mask)

@@ -283,9 +283,9 @@ def test_config_validation():
         preset("tiny", vocab_size=10, attention_bias=False)
     with pytest.raises(ValueError, match=r"eos_token_id \(10\) must be in \[0, vocab_size=10\)"):
         preset("tiny", vocab_size=10, eos_token_id=10)
-    with pytest.raises(ValueError, match="rope type 'llama3' is not supported"):
+    with pytest.raises(ValueError, match="rope type .dynamic. is not supported"):
         ModelConfig.from_hf({**preset("tiny", vocab_size=10).to_hf(),
-                             "rope_scaling": {"rope_type": "llama3"}})
+                             "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})
     with pytest.raises(ValueError, match="unsupported model_type 'gpt2'"):
         ModelConfig.from_hf({"model_type": "gpt2"})
 

@@ -194,3 +194,41 @@ def test_split_property(case):
     co = plan_placement(p, world)
     assert all(r == tuple(range(world)) for r in co.groups.values())
     assert set(co.groups) == set(pl.groups)
+
+
+# ------------------------------------------------------------------ weight-sync deadlock
+
+class _Gen:
+    holds = {"policy": "infer"}
+
+
+class _Train:
+    holds = {"policy": "train"}
+
+
+def _sync_pipeline(score_group: str) -> Pipeline:
+    """load -> score -> gen -> update, ``score`` on ``score_group``."""
+    return Pipeline("p", [
+        Stage("load", fn, outputs=["prompts"], group="rollout"),
+        Stage("score", fn, inputs=["prompts"], outputs=["scored"], group=score_group),
+        Stage("gen", _Gen, inputs=["scored"], outputs=["samples"], group="rollout"),
+        Stage("update", _Train, inputs=["samples"], group="actor"),
+    ], layouts={"disaggregated": lambda n: {"rollout": n // 2, "actor": n - n // 2,
+                                            "critic": "actor"}},
+        weight_sync=("actor", "rollout"))
+
+
+def test_trainer_stage_before_generation_is_rejected_at_plan_time():
+    from distflow.config import RunConfig
+    from distflow.runtime.plan import make_plan
+
+    cfg = RunConfig(placement="disaggregated")
+    with pytest.raises(PlacementError) as e:
+        make_plan(_sync_pipeline("critic"), cfg, 4)
+    msg = str(e.value)
+    assert ("would deadlock on weight sync: stage 'score' (group 'critic') runs on trainer ranks "
+            "[2, 3] before generation stage 'gen' (group 'rollout', ranks [0, 1])") in msg, msg
+    assert "blocks until 'gen' takes them" in msg
+    # the same DAG is fine co-located, and with the stage on the rollout workers
+    assert make_plan(_sync_pipeline("critic"), RunConfig(), 4).sync_ranks is None
+    assert make_plan(_sync_pipeline("rollout"), cfg, 4).sync_ranks == (2, 0, 1)

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from distflow.runtime.metrics import read_metrics
-from harness import REPO, spawn
+from harness import REPO, assert_golden, spawn
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 SMALL = ["prompts=8", "group_size=4"]
@@ -28,6 +28,7 @@ def test_same_seed_gives_the_same_metrics_in_all_three_placements(tmp_path, pipe
         r = _run(pipeline, tmp_path / placement, "--steps", "3", f"placement={placement}")
         assert r.returncode == 0, (placement, r.stderr[-3000:])
         runs[placement] = read_metrics(tmp_path / placement / "metrics.jsonl")
+        assert_golden(f"{pipeline[:-3]}-{placement}", runs[placement])
     base = runs["colocated"]
     for placement in ("interleaved", "disaggregated"):
         for a, b in zip(base, runs[placement]):
@@ -96,6 +97,7 @@ def test_bandit_runs_the_same_in_all_three_placements(tmp_path):
                             f"placement={placement}"], capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, (placement, r.stderr[-3000:])
         runs[placement] = read_metrics(tmp_path / placement / "metrics.jsonl")
+        assert_golden(f"bandit-{placement}", runs[placement])
     base = runs["colocated"]
     assert base[-1]["reward/mean"] > base[0]["reward/mean"] + 0.2
     for placement in ("interleaved", "disaggregated"):
@@ -103,3 +105,22 @@ def test_bandit_runs_the_same_in_all_three_placements(tmp_path):
         for a, b in zip(base, runs[placement]):
             for k in ("reward/mean", "actor/pg_loss"):
                 assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), (placement, a["step"], k)
+
+
+def test_disaggregated_resume_restarts_rollouts_from_the_trainers_weights(tmp_path):
+    """On resume the trainer broadcasts its checkpointed weights (WeightSync.resume): the
+    resumed run's metrics are those of the uninterrupted one (on-policy: with
+    max_staleness=1 the uninterrupted run's step 3 uses version 2, which no checkpoint keeps)."""
+    args = ("placement=disaggregated", "max_staleness=0")
+    r = _run("grpo.py", tmp_path / "whole", "--steps", "5", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _run("grpo.py", tmp_path / "part", "--steps", "3", *args).returncode == 0
+    r = _run("grpo.py", tmp_path / "part", "--steps", "5", "resume=true", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    whole = read_metrics(tmp_path / "whole" / "metrics.jsonl")
+    resumed = read_metrics(tmp_path / "part" / "metrics.jsonl")
+    assert [x["step"] for x in resumed] == list(range(5))
+    for a, b in zip(whole[3:], resumed[3:]):
+        for k in COMPARED + ("rollout/staleness",):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)

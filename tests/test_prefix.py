@@ -177,13 +177,14 @@ def test_shared_prompt_critic_values_equal_unshared():
     assert torch.allclose(v0[m], v1[m], atol=1e-5)
 
 
-def test_distinct_prompts_fall_back_to_the_plain_forward():
+def test_distinct_prompts_give_the_plain_forwards_outputs():
     model = _model(4)
     batch = _grpo_batch(4, prompts=8, group=1)
     assert shared_prefixes(batch["prompts"], batch["prompt_mask"]) is None
-    a = response_logits(model, batch, share_prefix=True)
-    b = response_logits(model, batch, share_prefix=False)
-    assert torch.equal(a, b)
+    a = response_logits(model, batch, share_prefix=True)   # packed if that pays
+    b = response_logits(model, batch, share_prefix=False)  # the plain padded forward
+    m = batch["response_mask"]
+    assert torch.allclose(a[m], b[m], atol=1e-5)
 
 
 def test_generation_shares_the_prefill_of_repeated_prompts():
@@ -278,3 +279,42 @@ def test_one_collective_step_over_ranks_equals_one_process(tmp_path, n_local):
         assert abs(stats["nll"] - ref_stats["nll"]) < 1e-5 * abs(ref_stats["nll"])
         assert abs(stats["grad_norm"] - ref_stats["grad_norm"]) < 1e-5
         _close(grads, ref_grads, params, ref)
+
+
+def test_ragged_packing_computes_real_tokens_only():
+    """Long ragged responses (1..24 tokens): the cost model packs them, the model sees
+    only the real tokens (rows padded to the longest packed row), and log-probs and
+    gradients equal the plain padded forward."""
+    model = _model(3, attention_bias=True)
+    batch = _grpo_batch(3, prompts=4, group=6, p=5, r=24)
+    seen = []
+    hook = model.embed_tokens.register_forward_hook(lambda m, a, o: seen.append(a[0].shape))
+    lp1, g1 = _logp_and_grads(model, batch, share=True)
+    hook.remove()
+    real = int(batch["prompt_mask"].sum() / 6 + batch["response_mask"].sum()) - len(batch)  # last token predicts nothing
+    assert len(seen) == 1 and seen[0][0] == 4  # one pass, one row per prompt
+    assert seen[0][0] * seen[0][1] < 1.4 * real < 24 * len(batch)
+    lp0, g0 = _logp_and_grads(model, batch, share=False)
+    m = batch["response_mask"]
+    assert torch.allclose(lp0[m], lp1[m], atol=1e-5)
+    for name in g0:
+        scale = g0[name].abs().max().clamp(min=1e-3)
+        assert torch.allclose(g0[name] / scale, g1[name] / scale, atol=1e-5), name
+
+
+def test_distinct_prompts_pack_several_rows_per_row():
+    """No prompt repeats, long ragged responses: rows are packed several to a packed row
+    (fewer rows than samples), with the plain forward's log-probs and gradients."""
+    model = _model(4)
+    batch = _grpo_batch(4, prompts=12, group=1, p=4, r=24)
+    seen = []
+    hook = model.embed_tokens.register_forward_hook(lambda m, a, o: seen.append(tuple(a[0].shape)))
+    lp1, g1 = _logp_and_grads(model, batch, share=True)
+    hook.remove()
+    assert len(seen) == 1 and seen[0][0] < 12, seen
+    lp0, g0 = _logp_and_grads(model, batch, share=False)
+    m = batch["response_mask"]
+    assert torch.allclose(lp0[m], lp1[m], atol=1e-5)
+    for name in g0:
+        scale = g0[name].abs().max().clamp(min=1e-3)
+        assert torch.allclose(g0[name] / scale, g1[name] / scale, atol=1e-5), name

@@ -133,8 +133,8 @@ def test_neural_reward_model_slot(tmp_path):
     rm = Critic(DecoderLM(preset("tiny", vocab_size=16)))
     torch.nn.init.normal_(rm.value_head.weight)
     save_reward_model(rm, tmp_path)
-    ctx = StageContext("reward", 0, 1, "reward", (0,), 0, 1, {"reward_model": str(tmp_path)},
-                       0, tmp_path)
+    ctx = StageContext(stage="reward", rank=0, world_size=1, group="reward", ranks=(0,), dp_rank=0,
+                       dp_size=1, params={"reward_model": str(tmp_path)}, seed=0, out_dir=tmp_path)
     stage = RewardModel(ctx)
     prompts = torch.tensor([[0, 5, 6], [4, 5, 6]])
     responses = torch.tensor([[7, 1, 0], [7, 8, 1]])

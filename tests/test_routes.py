@@ -178,3 +178,20 @@ def test_upgraded_route_keeps_ranks():
     routes = plan_routes(p, plan_placement(p, 5, "split", {"a": 2, "b": 3, "c": "a"}), "p2p")
     neg = next(r for e, r in routes.items() if e.key == "negate.neg->join")
     assert neg == Route(neg.edge, "reshard", (0, 1), (0, 1), True, True)
+
+
+@pytest.mark.parametrize("pipeline", ["grpo", "ppo"])
+def test_rollouts_cross_once_to_each_set_of_consumer_ranks(pipeline):
+    """Reward, reference, values and advantages read the rollouts; under disaggregated
+    placement they share the trainer's workers, so the rollouts travel in one transfer."""
+    p = load_pipeline(str(Path(__file__).parents[1] / "pipelines" / f"{pipeline}.py"))
+    routes = plan_routes(p, plan_placement(p, 4, "disaggregated", {}), "p2p")
+    readers = [e.dst for e in routes if e.name == "rollouts"]
+    assert len(readers) == {"grpo": 3, "ppo": 4}[pipeline]
+    assert {routes[e].key for e in routes if e.name == "rollouts"} == {"gen.rollouts:reshard->dp[2,3]"}
+    interleaved = plan_routes(p, plan_placement(p, 4, "interleaved", {}), "p2p")
+    keys = {interleaved[e].key for e in interleaved if e.name == "rollouts"}
+    assert len(keys) == len({(r.kind, r.dst) for e, r in interleaved.items() if e.name == "rollouts"})
+    # with routing=hub (the single-controller baseline) every edge keeps its own transfer
+    hub = plan_routes(p, plan_placement(p, 4, "disaggregated", {}), "hub")
+    assert len({r.key for r in hub.values()}) == len(hub)

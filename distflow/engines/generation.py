@@ -44,15 +44,47 @@ def left_pad(prompts: list[list[int]], pad_id: int,
 
 
 class InferenceEngine:
-    """Generates with a ``DecoderLM`` (its KV cache) on the model's device."""
+    """Generates with a ``DecoderLM`` (its KV cache) on the model's device.
 
-    def __init__(self, model, eos_id: int, pad_id: int, max_context: int | None = None):
+    Work is done only for live rows: a row that samples EOS leaves the decode batch at
+    once (the last live rows move into its cache slots, so a step costs what its live
+    rows cost). The KV cache is allocated once per engine and reused by later calls
+    that fit in it (``cache``; ``release_cache`` frees it). ``compact=False`` keeps
+    finished rows in the batch until the longest ends (the former behaviour, kept for
+    benchmarks and tests); the outputs are the same either way.
+
+    ``max_batch``: at most this many rows decode at once; a call with more prompts runs
+    continuous batching: each row that finishes gives its slot to the next waiting
+    prompt, which is prefilled and joins the running batch at once."""
+
+    def __init__(self, model, eos_id: int, pad_id: int, max_context: int | None = None,
+                 compact: bool = True, max_batch: int | None = None):
         self.model, self.eos_id, self.pad_id = model, eos_id, pad_id
         self.max_context = max_context or model.config.max_position_embeddings
+        self.compact = compact
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.max_batch = max_batch
+        self.cache = None
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def release_cache(self) -> None:
+        """Drop the preallocated KV cache (the next call allocates a new one)."""
+        self.cache = None
+
+    def _cache_for(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        from distflow.models import KVCache
+
+        c = self.cache
+        if c is None or not c.fits(batch, max_len, dtype, device):
+            if c is not None:  # grow to cover both the old and the new request
+                batch, max_len = max(batch, c.capacity), max(max_len, c.max_len)
+            self.cache = c = None  # free the old storage first
+            c = self.cache = KVCache.allocate(self.model.config, batch, max_len, dtype, device)
+        return c
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams,
@@ -74,6 +106,10 @@ class InferenceEngine:
         Rows that repeat a prompt (GRPO groups) share its prefill: each distinct prompt
         is run through the model once and its KV cache copied to its rows.
 
+        With ``row_seeds`` a row's draws depend on its seed and step only, so compaction
+        (which changes which rows share a batch) leaves sampled tokens unchanged; without,
+        rows draw from ``generator`` with ``torch.multinomial`` over the live rows.
+
         Runs in ``torch.inference_mode`` (less bookkeeping per op than ``no_grad``: 8% on a
         tiny model's forward); the returned tensors are ordinary ones (copied out), so a
         training step can use them."""
@@ -82,56 +118,190 @@ class InferenceEngine:
         return Generation(*(getattr(out, f.name).clone() for f in dataclasses.fields(out)))
 
     def _generate(self, tokens, mask, params, generator, row_seeds) -> Generation:
-        from distflow.models import KVCache
-
         mask = mask.bool()
         if len(tokens) == 0 or not bool(mask.any(1).all()):
             raise ValueError("every prompt needs at least one token")
         width = int(mask.sum(1).max())
         tokens, mask = tokens[:, tokens.shape[1] - width:], mask[:, mask.shape[1] - width:]
         n, p = tokens.shape
-        if p + params.max_new_tokens > self.max_context:
-            raise ValueError(f"prompt of {p} tokens + max_new_tokens={params.max_new_tokens} "
+        max_new = params.max_new_tokens
+        if p + max_new > self.max_context:
+            raise ValueError(f"prompt of {p} tokens + max_new_tokens={max_new} "
                              f"exceeds the model context of {self.max_context}")
+        if self.max_batch is not None and n > self.max_batch:
+            return self._generate_continuous(tokens, mask, params, generator, row_seeds)
         dev = self.device
         was_training = self.model.training
         self.model.eval()
         dtype = next(self.model.parameters()).dtype
-        key_mask = torch.zeros((n, p + params.max_new_tokens), dtype=torch.bool, device=dev)
+        cache = self._cache_for(n, p + max_new, dtype, dev)
+        key_mask = torch.zeros((n, p + max_new), dtype=torch.bool, device=dev)
         key_mask[:, :p] = mask.to(dev)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0).to(dev)
+        tokens_dev = tokens.to(dev)
         shared = shared_prefixes(tokens, mask)
         if shared is None:
-            cache = KVCache.allocate(self.model.config, n, p + params.max_new_tokens, dtype, dev)
-            logits = self.model(tokens.to(dev), positions, key_mask[:, :p], cache)[:, -1]
+            cache.start(n)
+            logits = self.model(tokens_dev, positions, key_mask[:, :p], cache)[:, -1]
         else:  # prefill each distinct prompt once, then give every row its prompt's cache
             first, inverse = (t.to(dev) for t in shared)
-            small = KVCache.allocate(self.model.config, len(first), p + params.max_new_tokens, dtype, dev)
-            logits = self.model(tokens.to(dev)[first], positions[first], key_mask[first, :p],
-                                small)[:, -1].index_select(0, inverse)
-            cache = KVCache([k.index_select(0, inverse) for k in small.keys],
-                            [v.index_select(0, inverse) for v in small.values])
-            cache.length = small.length
+            cache.start(len(first))
+            logits = self.model(tokens_dev[first], positions[first], key_mask[first, :p],
+                                cache)[:, -1].index_select(0, inverse)
+            cache.select(inverse)
         next_pos = positions[:, -1] + 1
-        out_tokens, out_logp = [], []
-        done = torch.zeros(n, dtype=torch.bool, device=dev)
+        responses = torch.full((n, max_new), self.pad_id, dtype=torch.int64, device=dev)
+        logps = torch.zeros((n, max_new), dtype=torch.float32, device=dev)
+        lengths = torch.zeros(n, dtype=torch.int64, device=dev)
+        live = torch.arange(n, device=dev)      # the output row of each batch row
+        done = torch.zeros(n, dtype=torch.bool, device=dev)  # only used when compact=False
         uniforms = None  # every step's draw of every row at once: [N, max_new_tokens]
         if row_seeds is not None and not params.greedy:
             row_keys = splitmix64(row_seeds.to(torch.int64))
-            uniforms = uniform(splitmix64(row_keys[:, None] + torch.arange(params.max_new_tokens)))
-        for t in range(params.max_new_tokens):
+            uniforms = uniform(splitmix64(row_keys[:, None] + torch.arange(max_new))).to(dev)
+        steps = 0
+        for t in range(max_new):
             tok, logp = sample(logits, params, generator, uniforms=None if uniforms is None else uniforms[:, t])
-            tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
-            out_tokens.append(tok)
-            out_logp.append(torch.where(done, torch.zeros_like(logp), logp))
-            key_mask[:, p + t] = ~done
-            done = done | (tok == self.eos_id)
-            if bool(done.all()) or t == params.max_new_tokens - 1:
+            steps = t + 1
+            if self.compact:
+                responses[live, t] = tok
+                logps[live, t] = logp.float()
+                lengths[live] = t + 1
+                finished = tok == self.eos_id
+            else:
+                tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
+                responses[:, t] = tok
+                logps[:, t] = torch.where(done, torch.zeros_like(logp), logp).float()
+                lengths += (~done).long()
+                key_mask[:, p + t] = ~done  # the EOS token itself is a key, as before
+                done = done | (tok == self.eos_id)
+                finished = None
+            if t == max_new - 1:
                 break
+            if finished is not None and bool(finished.any()):
+                keep = ~finished
+                m = int(keep.sum())
+                if m == 0:
+                    break
+                # the last live rows move into the places of rows that finished
+                holes = finished[:m].nonzero().squeeze(1)
+                movers = keep[m:].nonzero().squeeze(1) + m
+                cache.move(movers, holes, m)
+                order = torch.arange(len(live), device=dev)
+                order[holes] = movers
+                order = order[:m]
+                live, tok, next_pos = live[order], tok[order], next_pos[order]
+                key_mask = key_mask[order]
+                if uniforms is not None:
+                    uniforms = uniforms[order]
+            elif finished is None and bool(done.all()):
+                break
+            if finished is not None:
+                key_mask[:, p + t] = True
             logits = self.model(tok[:, None], next_pos[:, None], key_mask[:, :p + t + 1], cache)[:, -1]
             next_pos = next_pos + 1
         self.model.train(was_training)
-        responses = torch.stack(out_tokens, 1).cpu()
-        response_mask = key_mask[:, p:p + responses.shape[1]].cpu()
-        return Generation(tokens, mask, responses, response_mask,
-                          torch.stack(out_logp, 1).float().cpu(), response_mask.sum(1))
+        responses = responses[:, :steps].cpu()
+        lengths = lengths.cpu()
+        response_mask = torch.arange(steps)[None, :] < lengths[:, None]
+        return Generation(tokens, mask, responses, response_mask, logps[:, :steps].cpu(), lengths)
+
+    def _generate_continuous(self, tokens, mask, params, generator, row_seeds) -> Generation:
+        """``_generate`` for more prompts than ``max_batch``: rows decode in one batch of at
+        most ``max_batch``; a finished row leaves it and the next waiting prompt takes its
+        slot. Every row of the batch writes its keys at one shared cache column per step;
+        a prompt joining at column ``c`` is placed at columns ``[c - P, c)`` (``P`` the
+        prompt width) and masked out everywhere before, so each row attends exactly its
+        own prompt and tokens. While prompts wait the batch is full, so at most
+        ``ceil(N / max_batch) + 1`` times ``max_new_tokens`` decode steps run: the cache
+        holds ``max_batch`` rows of ``P`` plus that many columns."""
+        from distflow.models import KVCache
+
+        n, p = tokens.shape
+        max_new, b = params.max_new_tokens, self.max_batch
+        dev = self.device
+        was_training = self.model.training
+        self.model.eval()
+        dtype = next(self.model.parameters()).dtype
+        width = p + max_new * (-(-n // b) + 1)
+        cache = self._cache_for(b, width, dtype, dev)
+        scratch = KVCache.allocate(self.model.config, b, p, dtype, dev)  # prefill of joining rows
+        tokens_dev, mask_dev = tokens.to(dev), mask.to(dev)
+        positions = (mask_dev.long().cumsum(-1) - 1).clamp(min=0)
+        responses = torch.full((n, max_new), self.pad_id, dtype=torch.int64, device=dev)
+        logps = torch.zeros((n, max_new), dtype=torch.float32, device=dev)
+        lengths = torch.zeros(n, dtype=torch.int64, device=dev)
+        uniforms = None
+        if row_seeds is not None and not params.greedy:
+            row_keys = splitmix64(row_seeds.to(torch.int64))
+            uniforms = uniform(splitmix64(row_keys[:, None] + torch.arange(max_new))).to(dev)
+
+        def prefill(rows: torch.Tensor, column: int):
+            """Logits of ``rows``' prompts, their keys/values written at ``[column - p, column)``
+            of cache rows ``[cache.batch, cache.batch + len(rows))``."""
+            k = len(rows)
+            scratch.start(k)
+            logits = self.model(tokens_dev[rows], positions[rows], mask_dev[rows], scratch)[:, -1]
+            m = cache.batch
+            for dst, src in ((cache._keys, scratch.keys), (cache._values, scratch.values)):
+                for d, s_ in zip(dst, src):
+                    d[m:m + k, :, column - p:column] = s_
+            cache._use(m + k)
+            km = torch.zeros((k, width), dtype=torch.bool, device=dev)
+            km[:, column - p:column] = mask_dev[rows]
+            return logits, km
+
+        cache.start(min(b, n))
+        cache._use(0)  # prefill adds the rows; the first prompts end at column p
+        cache.length = p
+        first = torch.arange(min(b, n), device=dev)
+        logits, key_mask = prefill(first, p)
+        live, steps_done = first, torch.zeros(len(first), dtype=torch.int64, device=dev)
+        next_pos = positions[first, -1] + 1
+        waiting = n - len(first)
+        while len(live):
+            u = None if uniforms is None else uniforms[live, steps_done]
+            tok, logp = sample(logits, params, generator, uniforms=u)
+            responses[live, steps_done] = tok
+            logps[live, steps_done] = logp.float()
+            steps_done = steps_done + 1
+            lengths[live] = steps_done
+            finished = (tok == self.eos_id) | (steps_done == max_new)
+            keep = ~finished
+            m = int(keep.sum())
+            if m < len(live):
+                holes = finished[:m].nonzero().squeeze(1)
+                movers = keep[m:].nonzero().squeeze(1) + m
+                if m:
+                    cache.move(movers, holes, m)
+                else:
+                    cache._use(0)
+                order = torch.arange(len(live), device=dev)
+                order[holes] = movers
+                order = order[:m]
+                live, tok, next_pos = live[order], tok[order], next_pos[order]
+                steps_done, key_mask = steps_done[order], key_mask[order]
+            parts = []
+            if m:
+                c = cache.length
+                key_mask[:, c] = True
+                parts.append(self.model(tok[:, None], next_pos[:, None], key_mask[:, :c + 1], cache)[:, -1])
+                next_pos = next_pos + 1
+            if waiting and m < b:
+                k = min(b - m, waiting)
+                rows = torch.arange(n - waiting, n - waiting + k, device=dev)
+                waiting -= k
+                new_logits, new_mask = prefill(rows, cache.length)
+                parts.append(new_logits)
+                live = torch.cat([live, rows])
+                steps_done = torch.cat([steps_done, torch.zeros(k, dtype=torch.int64, device=dev)])
+                next_pos = torch.cat([next_pos, positions[rows, -1] + 1])
+                key_mask = torch.cat([key_mask, new_mask])
+            if not parts:
+                break
+            logits = torch.cat(parts) if len(parts) > 1 else parts[0]
+        self.model.train(was_training)
+        steps = int(lengths.max())
+        responses, lengths = responses[:, :steps].cpu(), lengths.cpu()
+        response_mask = torch.arange(steps)[None, :] < lengths[:, None]
+        return Generation(tokens, mask, responses, response_mask, logps[:, :steps].cpu(), lengths)

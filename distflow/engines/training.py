@@ -1,5 +1,6 @@
 """The training engine of one rank: AdamW, micro-batches by token budget, gradient
-clipping, data parallel over a torch.distributed group, bf16 autocast on GPU.
+clipping, data parallel over a torch.distributed group, fp32 master weights for a model in
+bf16 (the model's dtype is the compute dtype, on CPU and GPU alike).
 
 Exactness across layouts: a loss is a *sum* over the tokens of a micro-batch divided by
 the token count of the whole global batch (all ranks), and gradients are summed over
@@ -49,6 +50,57 @@ def micro_batches(lengths: torch.Tensor, budget: int) -> list[torch.Tensor]:
     return out
 
 
+class MasterWeights:
+    """fp32 master copies of a low-precision (bf16) model's parameters.
+
+    The optimizer steps the masters, so its state is fp32 too; forward and backward run in
+    the model's dtype. Each parameter's gradient moves into its master's fp32 ``.grad`` as
+    soon as backward has accumulated it (micro-batches add up in fp32; the model keeps no
+    gradient), and ``copy_back`` rounds the updated masters into the model after a step.
+    """
+
+    def __init__(self, named_params):
+        self.names, self.params = zip(*named_params) if named_params else ((), ())
+        self.masters = [torch.nn.Parameter(p.detach().float().clone(), requires_grad=p.requires_grad)
+                        for p in self.params]
+        self._by_param = {id(p): m for p, m in zip(self.params, self.masters)}
+        for p, m in zip(self.params, self.masters):
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(lambda p, m=m: self._move_grad(p, m))
+
+    @staticmethod
+    def needed(model: torch.nn.Module) -> bool:
+        return any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters())
+
+    def master(self, param: torch.nn.Parameter) -> torch.nn.Parameter:
+        return self._by_param[id(param)]
+
+    @staticmethod
+    def _move_grad(param: torch.Tensor, master: torch.Tensor) -> None:
+        if master.grad is None:
+            master.grad = param.grad.float()
+        else:
+            master.grad.add_(param.grad)
+        param.grad = None
+
+    @torch.no_grad()
+    def copy_back(self) -> None:
+        torch._foreach_copy_(list(self.params), self.masters)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: m.detach().cpu().contiguous() for n, m in zip(self.names, self.masters)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if set(state) != set(self.names):
+            raise ValueError(f"master weights do not match the model: missing "
+                             f"{sorted(set(self.names) - set(state))[:5]}, unexpected "
+                             f"{sorted(set(state) - set(self.names))[:5]}")
+        for n, m in zip(self.names, self.masters):
+            m.copy_(state[n])
+        self.copy_back()
+
+
 class TrainEngine:
     """``group``: the data-parallel group (gradients are summed over it every step).
     ``sync``: an optional outer synchronization between replicas of this group (DiLoCo,
@@ -60,8 +112,14 @@ class TrainEngine:
         self.reducer = reducer
         """``PeerAllReduce`` over ``group``'s ranks (``StageContext.reducer``): small CPU sums
         go over the data plane instead of ``torch.distributed``."""
-        decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-        no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+        self.master = MasterWeights(list(model.named_parameters())) if MasterWeights.needed(model) else None
+        """fp32 copies the optimizer steps when the model is in bf16 (else None)."""
+        if self.master is not None and sync is not None:
+            raise ValueError("a bfloat16 model with DiLoCo islands is not supported (the outer step "
+                             "would bypass the fp32 master weights); use dtype=float32")
+        own = self.master.master if self.master is not None else (lambda p: p)
+        decay = [own(p) for n, p in model.named_parameters() if p.dim() >= 2]
+        no_decay = [own(p) for n, p in model.named_parameters() if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
         # the fused kernel: one pass over all parameters (the same AdamW update, rounded
@@ -69,7 +127,9 @@ class TrainEngine:
         fused = all(p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
                     and p.device.type in ("cpu", "cuda") for p in model.parameters())
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
-        self._params = list(model.parameters())  # walked several times a step
+        self._params = [own(p) for p in model.parameters()]  # walked several times a step
+        if self.master is not None:  # after every optimizer step, the model gets the new masters
+            self.optimizer.register_step_post_hook(lambda *_: self.master.copy_back())
         self.world = (len(reducer.ranks) if reducer is not None else
                       dist.get_world_size(group) if dist.is_initialized() else 1)
 
@@ -78,8 +138,7 @@ class TrainEngine:
         return next(self.model.parameters()).device
 
     def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        """No autocast: the model's dtype (``dtype=``) is the compute dtype on every device."""
         return contextlib.nullcontext()
 
     def global_sum(self, value: float) -> float:
@@ -145,15 +204,23 @@ class TrainEngine:
     def _leader(self) -> bool:
         return not dist.is_initialized() or dist.get_rank(self.group) == 0
 
-    def save(self, directory: Path, island: int = 0) -> None:
-        """Weights, optimizer (and outer-sync) state. Replicas of a group hold the same
-        state, so its first rank writes; with islands, each island writes its own."""
+    def checkpoint_path(self, directory: Path, island: int = 0) -> Path | None:
+        """The folder ``save`` writes into (``None`` on ranks that do not write). Replicas of a
+        group hold the same state, so its first rank writes; each island writes its own."""
         if not self._leader():
+            return None
+        return directory / f"island{island}" if self.sync is not None else directory
+
+    def save(self, directory: Path, island: int = 0) -> None:
+        """Weights, optimizer (and outer-sync) state, into ``checkpoint_path``."""
+        path = self.checkpoint_path(directory, island)
+        if path is None:
             return
-        path = directory / f"island{island}" if self.sync is not None else directory
         path.mkdir(parents=True, exist_ok=True)
         save_model(self.model, str(path / "model.safetensors"))  # handles tied weights
         save_optimizer(self.optimizer, path)
+        if self.master is not None:
+            save_file(self.master.state_dict(), str(path / "master.safetensors"))
         if self.sync is not None:
             save_file({k: v.contiguous() for k, v in self.sync.state_dict().items()},
                       str(path / "outer.safetensors"))
@@ -165,6 +232,8 @@ class TrainEngine:
             raise ValueError(f"checkpoint {path} does not match the model: missing "
                              f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
         load_optimizer(self.optimizer, path)
+        if self.master is not None:
+            self.master.load_state_dict(load_file(str(path / "master.safetensors")))
         if self.sync is not None:
             self.sync.load_state_dict(load_file(str(path / "outer.safetensors")))
 

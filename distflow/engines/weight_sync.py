@@ -9,6 +9,12 @@ Each sync carries a header ``[version, numel, checksum]``. The receiver copies i
 model only after the whole buffer arrived and its checksum matches, so a sync cut by a
 dead peer raises (``PeerFailure`` from the liveness check, polled while waiting) and never
 leaves a half-written or silently stale model.
+
+The staleness rule lives here and nowhere else. Version ``v`` is the weights after ``v``
+updates. Before generating step ``k`` a rollout needs a version of at least
+``k - max_staleness`` (``refresh``); after the update of step ``k`` the trainer sends
+version ``k + 1`` only if some later step will take it, i.e. ``k + 1 <= steps - 1 -
+max_staleness`` (``publish``). Both sides therefore agree on the number of broadcasts.
 """
 from __future__ import annotations
 
@@ -43,10 +49,36 @@ def sha256(flat: torch.Tensor) -> str:
 
 
 class WeightSync:
-    def __init__(self, group, src: int, rank: int, check_peers: Callable[[], None],
-                 record_dir: Path | None = None):
-        self.group, self.src, self.rank = group, src, rank
+    def __init__(self, group, ranks: tuple[int, ...], rank: int, check_peers: Callable[[], None], *,
+                 steps: int, max_staleness: int = 0, record_dir: Path | None = None):
+        """``ranks``: ``(trainer source, *rollout ranks)``, the members of ``group``."""
+        self.group, self.src, self.receivers, self.rank = group, ranks[0], ranks[1:], rank
         self.check_peers, self.record_dir = check_peers, record_dir
+        self.steps, self.max_staleness = steps, max_staleness
+        self.version = 0
+        """Rollout side: the version the model holds."""
+
+    def publish(self, model: torch.nn.Module, step: int) -> None:
+        """Trainer side, after the update of ``step``: send version ``step + 1`` if a
+        rollout will take it."""
+        version = step + 1
+        if version <= self.steps - 1 - self.max_staleness:
+            self.send(model, version)
+
+    def refresh(self, model: torch.nn.Module, step: int) -> int:
+        """Rollout side, before generating ``step``: take syncs until ``model`` is at most
+        ``max_staleness`` updates old; returns its version."""
+        while self.version < step - self.max_staleness:
+            self.version = self.receive(model)
+        return self.version
+
+    def resume(self, model: torch.nn.Module, step: int) -> None:
+        """Both sides, after loading the checkpoint of ``step``: the trainer's weights
+        (version ``step + 1``) go to every rollout, which restarts from them."""
+        if self.rank == self.src:
+            self.send(model, step + 1)
+        elif self.rank in self.receivers:
+            self.version = self.receive(model)
 
     def _broadcast(self, t: torch.Tensor) -> None:
         work = dist.broadcast(t, src=self.src, group=self.group, async_op=True)

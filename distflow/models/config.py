@@ -3,8 +3,8 @@
 ``ModelConfig`` holds only what the forward pass needs. ``from_hf`` / ``to_hf`` translate to
 and from the Hugging Face ``config.json`` dialect (both the transformers 4.x spelling,
 ``rope_theta`` at top level, and the 5.x one, ``rope_parameters``), refusing the features
-this implementation does not have (rope scaling, sliding windows, MLP biases, other
-activations) instead of silently computing something else.
+this implementation does not have (``dynamic`` / ``longrope`` rotary scaling, sliding windows,
+MLP biases, other activations) instead of silently computing something else.
 """
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from distflow.models.rope import check_rope_scaling, normalize_rope_scaling
 
 MODEL_TYPES = ("qwen2", "llama")
 _ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
@@ -37,6 +39,9 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    """Rotary scaling as in HF's ``rope_scaling`` (``{"rope_type": "llama3" | "yarn" | "linear",
+    ...}``); ``None`` for plain RoPE. See ``distflow.models.rope``."""
     tie_word_embeddings: bool = False
     attention_bias: bool | None = None
     """Biases on q/k/v projections. Defaults by model_type: qwen2 True, llama False.
@@ -70,6 +75,7 @@ class ModelConfig:
             raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
         if not self.rope_theta > 0:
             raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+        check_rope_scaling(self.rope_scaling)
         if self.attention_bias is None:
             self.attention_bias = self.model_type == "qwen2"
         if self.model_type == "qwen2" and not self.attention_bias:
@@ -119,14 +125,14 @@ class ModelConfig:
             raise ValueError(f"only hidden_act='silu' is supported, got {hf['hidden_act']!r}")
         if hf.get("mlp_bias"):
             raise ValueError("mlp_bias=True is not supported")
+        if hf.get("quantization_config"):
+            method = hf["quantization_config"].get("quant_method", "?")
+            raise ValueError(f"quantized checkpoints are not supported (quantization_config: {method})")
         if hf.get("use_sliding_window"):
             raise ValueError("use_sliding_window=True is not supported (full attention only)")
         rope = hf.get("rope_parameters") or {}
-        scaling = hf.get("rope_scaling") or {}
-        for rope_type in (rope.get("rope_type"), scaling.get("rope_type"), scaling.get("type")):
-            if rope_type not in (None, "default"):
-                raise ValueError(f"rope type {rope_type!r} is not supported (only 'default' rotary)")
         rope_theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+        max_positions = hf.get("max_position_embeddings", _HF_MAX_POSITIONS[model_type])
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -135,9 +141,10 @@ class ModelConfig:
             num_attention_heads=hf["num_attention_heads"],
             num_key_value_heads=hf.get("num_key_value_heads"),
             head_dim=hf.get("head_dim"),
-            max_position_embeddings=hf.get("max_position_embeddings", _HF_MAX_POSITIONS[model_type]),
+            max_position_embeddings=max_positions,
             rms_norm_eps=float(hf.get("rms_norm_eps", _HF_RMS_EPS[model_type])),
             rope_theta=float(rope_theta),
+            rope_scaling=normalize_rope_scaling(hf, max_positions),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             # HF's Qwen2 ignores attention_bias (always biased); Llama reads it.
             attention_bias=True if model_type == "qwen2" else bool(hf.get("attention_bias", False)),
@@ -172,8 +179,9 @@ class ModelConfig:
             "max_position_embeddings": self.max_position_embeddings,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,  # transformers 4.x spelling
-            "rope_scaling": None,
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},  # 5.x spelling
+            "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
+            "rope_parameters": {"rope_type": "default", **(self.rope_scaling or {}),
+                                "rope_theta": self.rope_theta},  # 5.x spelling
             "tie_word_embeddings": self.tie_word_embeddings,
             "attention_dropout": 0.0,
             "initializer_range": 0.02,

@@ -15,6 +15,7 @@ from torch import nn
 
 from distflow.models.cache import KVCache
 from distflow.models.config import ModelConfig
+from distflow.models.rope import inv_frequencies
 
 __all__ = ["DecoderLM", "KVCache", "RMSNorm", "rotary_cos_sin", "apply_rotary", "attention_mask"]
 
@@ -38,18 +39,20 @@ class RMSNorm(nn.Module):
 
 
 # ---------------------------------------------------------------------------- rotary
-def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int,
-                   theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float,
+                   scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 ``(cos, sin)``, each ``[B, T, d]``, for integer ``position_ids [B, T]``.
 
-    Frequencies ``theta ** (-2i / d)`` for ``i < d/2``, repeated for both halves of the head
-    (the "rotate half" layout of Llama / Qwen2 checkpoints).
+    Frequencies ``theta ** (-2i / d)`` for ``i < d/2`` as rescaled by the rotary ``scaling``
+    (``ModelConfig.rope_scaling``, see ``distflow.models.rope``), repeated for both halves of
+    the head (the "rotate half" layout of Llama / Qwen2 checkpoints).
     """
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim
-    inv_freq = 1.0 / (theta ** exponent)                                  # [d/2]
+    inv_freq, attention_scaling = inv_frequencies(head_dim, theta, scaling, position_ids.device)  # [d/2]
     freqs = position_ids.float()[..., None] * inv_freq                    # [B, T, d/2]
     angles = torch.cat((freqs, freqs), dim=-1)                            # [B, T, d]
-    return angles.cos(), angles.sin()
+    if attention_scaling == 1.0:
+        return angles.cos(), angles.sin()
+    return angles.cos() * attention_scaling, angles.sin() * attention_scaling
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -85,6 +88,13 @@ def attention_mask(key_mask: torch.Tensor | None, num_new: int, num_cached: int,
         return causal[None, None]
     allowed = (causal[None] & key_mask[:, None, :]) | (k_slot == q_slot)[None]  # [B, T, S]
     return allowed[:, None]
+
+
+# Projections are fused (one matmul against stacked weights, stacked at every call) only
+# for small weights, where time goes per op; above this many elements (of the q / gate
+# weight) stacking costs more than the ops it saves: at hidden 512 it was 17% of a decode
+# step (a copy of every weight per token), so larger models run the projections apart.
+FUSE_MAX_WEIGHT = 1 << 16
 
 
 def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -141,7 +151,8 @@ class Attention(nn.Module):
 
 
     def _fusable(self) -> bool:
-        return all(type(m) is nn.Linear for m in (self.q_proj, self.k_proj, self.v_proj))
+        return (self.q_proj.weight.numel() <= FUSE_MAX_WEIGHT
+                and all(type(m) is nn.Linear for m in (self.q_proj, self.k_proj, self.v_proj)))
 
     def _qkv_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """``q, k, v`` as the three projections + rotary compute them, with fewer ops (for
@@ -177,7 +188,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, T, H]`` -> ``[B, T, H]``."""
         if type(self.gate_proj) is nn.Linear and type(self.up_proj) is nn.Linear \
-                and self.gate_proj.bias is None and self.up_proj.bias is None:
+                and self.gate_proj.bias is None and self.up_proj.bias is None \
+                and self.gate_proj.weight.numel() <= 2 * FUSE_MAX_WEIGHT:
             # gate and up in one matmul against the stacked weights (fewer ops)
             gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, -1)
             return self.down_proj(F.silu(gate) * up)
@@ -292,7 +304,8 @@ class DecoderLM(nn.Module):
                                      f"got {tuple(key_mask.shape)}")
                 key_mask = key_mask.to(device=device, dtype=torch.bool)
             mask = attention_mask(key_mask, t, past, device)
-        cos, sin = rotary_cos_sin(position_ids.to(device), self.config.head_dim, self.config.rope_theta)
+        cos, sin = rotary_cos_sin(position_ids.to(device), self.config.head_dim, self.config.rope_theta,
+                                  self.config.rope_scaling)
 
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         for i, layer in enumerate(self.layers):

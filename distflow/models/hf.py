@@ -12,12 +12,16 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from distflow.models.config import ModelConfig
 from distflow.models.decoder import DecoderLM
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+# ``dtype=`` values: bf16 is trained with fp32 master weights (``distflow.engines.training``);
+# fp16 is not offered (it needs loss scaling, which the training engine does not do).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Non-parameter buffers some older checkpoints carry; recomputed here, so skipped on load.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -36,8 +40,6 @@ def from_hf_key(key: str) -> str | None:
 
 def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     """All tensors of ``model.safetensors``, or of the shards listed in its index (HF key -> tensor)."""
-    from safetensors.torch import load_file
-
     single, index = directory / WEIGHTS_NAME, directory / WEIGHTS_INDEX_NAME
     if single.is_file():
         return load_file(str(single), device="cpu")
@@ -99,6 +101,38 @@ def load_pretrained(directory: str | Path, dtype: torch.dtype = torch.float32,
     return model.eval()
 
 
+def checkpoint_dtype(directory: str | Path) -> str | None:
+    """The weights' dtype ``config.json`` records (``dtype`` in transformers 5.x,
+    ``torch_dtype`` in 4.x), or ``None``."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        return None
+    with open(path) as f:
+        hf = json.load(f)
+    value = hf.get("dtype") or hf.get("torch_dtype")
+    return str(value).removeprefix("torch.") if value else None
+
+
+def resolve_dtype(name: str, directory: str | Path | None = None) -> tuple[torch.dtype, str]:
+    """``dtype=float32|bfloat16|auto`` -> (the dtype of weights and activations, why).
+
+    ``auto`` (the default, as transformers 5.x ``from_pretrained``) keeps the dtype the
+    checkpoint in ``directory`` records when it is float32 or bfloat16; a model without a
+    checkpoint (random init), or one in another dtype (float16) or none, is float32.
+    """
+    if name in DTYPES:
+        return DTYPES[name], f"dtype={name}"
+    if name != "auto":
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {name!r}")
+    if directory is None:
+        return torch.float32, "dtype=auto: float32 for a randomly initialised model"
+    recorded = checkpoint_dtype(directory)
+    if recorded in DTYPES:
+        return DTYPES[recorded], f"dtype=auto: the checkpoint's dtype ({recorded})"
+    return torch.float32, (f"dtype=auto: float32, the checkpoint records {recorded or 'no dtype'} "
+                           f"(set dtype=bfloat16 or dtype=float32 to choose)")
+
+
 def _few(keys: list[str], n: int = 8) -> str:
     return str(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
@@ -132,14 +166,12 @@ def save_pretrained(model: DecoderLM, directory: str | Path) -> Path:
     Each file is written to a temp file and renamed, so readers never see a partial file.
     Returns the directory.
     """
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = hf_state_dict(model)
     dtype = next(iter(tensors.values())).dtype
     config = model.config.to_hf()
-    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")  # 4.x, 5.x spelling
     _atomic_write(directory / WEIGHTS_NAME,
                   lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 

@@ -100,22 +100,25 @@ def forward_shared(model, prefix_ids: torch.Tensor, prefix_positions: torch.Tens
     continuations, row ``i`` continuing prefix ``index[i]``; ``key_mask`` [N, P + T]: the
     row's prefix mask followed by its continuation mask.
 
-    Two ways, the same result: the prefixes in one pass and the continuations in a second
-    that reads their keys/values (``packed=False``), or one pass over one packed row per
-    prefix, ``[prefix ; cont_1 ; ... ; cont_G]``, under a block mask (``packed=True``): half
-    the ops, but dense attention over the packed row, so it is chosen (``packed=None``)
-    only where that costs little: short packed rows, balanced groups.
+    Two ways, the same result at every real (unmasked) position: the prefixes in one
+    pass and the continuations in a second that reads their keys/values
+    (``packed=False``), or one pass over one packed row per prefix holding only real
+    tokens, ``[prefix ; cont_1 ; ... ; cont_G]``, under a block mask (``packed=True``):
+    no padding token is computed, but attention is dense over the packed row, so it is
+    chosen (``packed=None``) when its estimated cost (``_packing_pays``) is lower.
+    Outputs at padding positions are zeros in the packed way.
     """
     if packed is not False and (pieces := even_groups(index, prefix_ids.shape[0])) is not None:
         # a prompt drawn twice in a step makes its group twice the others: pack it as two
         piece_index, pick, first_piece = pieces
-        if packed or _packing_pays(prefix_ids.shape[1], ids.shape[1], piece_index, len(pick)):
+        prefix_mask_p = prefix_mask.index_select(0, pick)
+        if packed or _packing_pays(model.config, prefix_mask_p, piece_index, key_mask):
             prefix_out, out = forward_packed(
-                model, *(x.index_select(0, pick) for x in (prefix_ids, prefix_positions, prefix_mask)),
+                model, *(x.index_select(0, pick) for x in (prefix_ids, prefix_positions)), prefix_mask_p,
                 piece_index, ids, positions, key_mask)
             return prefix_out.index_select(0, first_piece), out
     if packed is None:
-        packed = _packing_pays(prefix_ids.shape[1], ids.shape[1], index, prefix_ids.shape[0])
+        packed = _packing_pays(model.config, prefix_mask, index, key_mask)
     if packed:
         return forward_packed(model, prefix_ids, prefix_positions, prefix_mask, index, ids,
                               positions, key_mask)
@@ -159,44 +162,128 @@ def _rank_in_group(index: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return rank
 
 
-def _packing_pays(p: int, t: int, index: torch.Tensor, u: int) -> bool:
-    n = len(index)
-    g = int(torch.bincount(index, minlength=u).max()) if n else 0
-    length = p + g * t
-    if u * g > 1.25 * n:  # unequal groups: padding slots would be computed too
+def _packed_layout(prefix_mask: torch.Tensor, index: torch.Tensor, cont_mask: torch.Tensor):
+    """Where each real token goes in the packed rows: ``(pcol [U, P], ccol [N, T],
+    row_len [U])``: prefix token ``(u, j)`` at column ``pcol[u, j]`` of row ``u``,
+    continuation token ``(i, j)`` at column ``ccol[i, j]`` of row ``index[i]`` (meaningful
+    where the masks are True); continuations follow their prefix in row order."""
+    u = prefix_mask.shape[0]
+    pvalid, cvalid = prefix_mask.bool(), cont_mask.bool()
+    plen, clen = pvalid.sum(1), cvalid.sum(1)
+    order = torch.argsort(index, stable=True)                 # rows grouped by prefix
+    clen_sorted = clen[order]
+    before = clen_sorted.cumsum(0) - clen_sorted              # tokens of earlier rows, all groups
+    counts = torch.bincount(index, minlength=u)
+    group_first = counts.cumsum(0) - counts
+    offset = torch.empty_like(clen)
+    offset[order] = plen[index[order]] + before - before[group_first.clamp(max=max(len(index) - 1, 0))][index[order]]
+    pcol = pvalid.long().cumsum(1) - 1
+    ccol = offset[:, None] + cvalid.long().cumsum(1) - 1
+    row_len = plen + torch.zeros(u, dtype=clen.dtype, device=clen.device).index_add_(0, index, clen)
+    return pcol, ccol, row_len
+
+
+def _bins(row_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """First-fit decreasing of packed groups (lengths ``row_len`` [U]) into bins as long
+    as the longest group: ``(bin [U], offset [U], bins)``."""
+    lengths = row_len.tolist()
+    capacity = max(max(lengths), 1)
+    free: list[int] = []
+    bin_of, offset = [0] * len(lengths), [0] * len(lengths)
+    for g in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for k, room in enumerate(free):
+            if room >= lengths[g]:
+                break
+        else:
+            k = len(free)
+            free.append(capacity)
+        bin_of[g], offset[g] = k, capacity - free[k]
+        free[k] -= lengths[g]
+    dev = row_len.device
+    return (torch.tensor(bin_of, dtype=torch.int64, device=dev),
+            torch.tensor(offset, dtype=torch.int64, device=dev), len(free))
+
+
+def _packing_pays(config, prefix_mask: torch.Tensor, index: torch.Tensor, key_mask: torch.Tensor) -> bool:
+    """Whether one packed pass (real tokens only, dense attention over each packed row,
+    rows padded to the longest) is estimated cheaper than the two-pass way (the ``U``
+    prefixes, then ``N`` continuations of ``T`` tokens, padding included). Cost in
+    multiply-adds: a token through the projections and MLP, plus 2 * hidden per
+    query-key pair (scores and weighted values). Packed rows of at most 64 tokens always
+    pay: there per-call overhead dominates, and packing makes one call instead of two."""
+    u, p = prefix_mask.shape
+    n, t = len(index), key_mask.shape[1] - p
+    if n == 0 or t <= 0:
         return False
-    # attention scores: packed rows vs prefix + each continuation over its prefix
-    return length <= 64 or u * length * length <= 2 * (u * p * p + n * t * (p + t))
+    h = config.hidden_size
+    per_token = 4 * h * h + 3 * h * config.intermediate_size
+    _, _, row_len = _packed_layout(prefix_mask, index, key_mask[:, p:])
+    length = int(row_len.max())
+    if length <= 64:  # short rows: one call instead of two matters more than any flop
+        return True
+    _, _, bins = _bins(row_len)
+    packed = bins * length * per_token + bins * length * length * 2 * h
+    two_pass = (u * p + n * t) * per_token + (u * p * p + n * t * (p + t)) * 2 * h
+    return packed <= two_pass
 
 
 def forward_packed(model, prefix_ids: torch.Tensor, prefix_positions: torch.Tensor,
                    prefix_mask: torch.Tensor, index: torch.Tensor, ids: torch.Tensor,
                    positions: torch.Tensor, key_mask: torch.Tensor):
-    """``forward_shared`` in one pass: row ``u`` holds prefix ``u`` followed by the (up to
-    ``G``) continuations of it, each in its own slot of ``T`` tokens; a continuation token
-    sees the valid prefix keys and the valid earlier keys of its own slot, as in the plain
-    forward over ``[prefix ; continuation]``. Slots no row fills are masked padding."""
+    """``forward_shared`` in one pass over real tokens only. A group is the real tokens
+    of prefix ``u`` followed by the real tokens of each of its continuations (in row
+    order), back to back; groups are packed into rows as long as the longest group (first
+    fit decreasing), the rest of a row is padding. A continuation token sees its group's
+    prefix tokens and the earlier tokens of its own continuation, as in the plain forward
+    over ``[prefix ; continuation]`` with its key mask. Outputs at padding positions of
+    the inputs are zeros."""
     u, p = prefix_ids.shape
-    t = ids.shape[1]
+    n, t = ids.shape
     dev = ids.device
-    counts = torch.bincount(index, minlength=u)
-    g = int(counts.max())
-    slot = _rank_in_group(index, counts)
+    pvalid, cvalid = prefix_mask.bool(), key_mask[:, p:].bool()
+    pcol, ccol, row_len = _packed_layout(pvalid, index, cvalid)
+    bin_of, offset, bins = _bins(row_len)
+    length = max(int(row_len.max()), 1)
+    pu, pj = pvalid.nonzero(as_tuple=True)
+    ci, cj = cvalid.nonzero(as_tuple=True)
+    prow, pc = bin_of[pu], offset[pu] + pcol[pu, pj]
+    crow, cc = bin_of[index[ci]], offset[index[ci]] + ccol[ci, cj]
+    packed_ids = torch.zeros((bins, length), dtype=ids.dtype, device=dev)
+    packed_pos = torch.zeros((bins, length), dtype=positions.dtype, device=dev)
+    segment = torch.full((bins, length), -2, dtype=torch.int64, device=dev)  # -2 padding, -1 prefix, i row
+    group = torch.full((bins, length), -1, dtype=torch.int64, device=dev)
+    packed_ids[prow, pc] = prefix_ids[pu, pj]
+    packed_pos[prow, pc] = prefix_positions[pu, pj]
+    segment[prow, pc] = -1
+    group[prow, pc] = pu
+    packed_ids[crow, cc] = ids[ci, cj]
+    packed_pos[crow, cc] = positions[ci, cj]
+    segment[crow, cc] = ci
+    group[crow, cc] = index[ci]
+    col = torch.arange(length, device=dev)
+    valid = segment > -2                                                     # [R, L]
+    sees = (group[:, None, :] == group[:, :, None]) & \
+        ((segment[:, None, :] == -1) | (segment[:, None, :] == segment[:, :, None]))
+    allowed = (sees & valid[:, None, :] & (col[None, :] <= col[:, None])[None]) \
+        | torch.eye(length, dtype=torch.bool, device=dev)[None]
+    out = model(packed_ids, packed_pos, allowed)                              # [R, L, ...]
+    tail = out.shape[2:]
+    prefix_out = out.new_zeros((u, p, *tail)).index_put((pu, pj), out[prow, pc])
+    cont = out.new_zeros((n, t, *tail)).index_put((ci, cj), out[crow, cc])
+    return prefix_out, cont
 
-    def pack(x: torch.Tensor, fill) -> torch.Tensor:
-        out = torch.full((u, g, t), fill, dtype=x.dtype, device=dev)
-        out[index, slot] = x
-        return out.view(u, g * t)
 
-    all_ids = torch.cat([prefix_ids, pack(ids, 0)], 1)
-    all_pos = torch.cat([prefix_positions, pack(positions, 0)], 1)
-    valid = torch.cat([prefix_mask.bool(), pack(key_mask[:, p:].bool(), False)], 1)   # [U, L]
-    length = p + g * t
-    block = torch.cat([torch.full((p,), -1, device=dev),
-                       torch.arange(g, device=dev).repeat_interleave(t)])            # [L]
-    pos = torch.arange(length, device=dev)
-    structure = (pos[None, :] <= pos[:, None]) & ((block[None, :] == -1) | (block[None, :] == block[:, None]))
-    allowed = (structure[None] & valid[:, None, :]) | torch.eye(length, dtype=torch.bool, device=dev)[None]
-    out = model(all_ids, all_pos, allowed)
-    cont = out[:, p:].reshape(u, g, t, *out.shape[2:])[index, slot]
-    return out[:, :p], cont
+def forward_distinct(model, ids: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor,
+                     p: int) -> torch.Tensor:
+    """``model``'s outputs [N, S, ...] for ``N`` rows of distinct prompts (``ids``,
+    ``positions``, ``key_mask`` [N, S], the first ``p`` columns the left-padded prompt):
+    several rows' real tokens packed per row where the cost model says that pays
+    (outputs at padding positions are then zeros), else the plain padded forward."""
+    n, s = ids.shape
+    if 0 < p < s and n > 1:
+        ident = torch.arange(n, device=ids.device)
+        if _packing_pays(model.config, key_mask[:, :p], ident, key_mask):
+            prefix_out, out = forward_packed(model, ids[:, :p], positions[:, :p], key_mask[:, :p], ident,
+                                             ids[:, p:], positions[:, p:], key_mask)
+            return torch.cat([prefix_out, out], 1)
+    return model(ids, positions, key_mask)

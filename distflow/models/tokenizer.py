@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from tokenizers import Tokenizer as _HFTok
+
 CHAR_TOKENIZER_FILE = "char_tokenizer.json"
 
 
@@ -111,8 +113,6 @@ class HFTokenizer:
     """
 
     def __init__(self, directory: str | Path):
-        from tokenizers import Tokenizer as _HFTok
-
         directory = Path(directory)
         path = directory / "tokenizer.json"
         if not path.is_file():

@@ -1,4 +1,5 @@
-"""The models of one worker process, built once and shared by the stages placed there.
+"""The models of one worker process, built once (``ctx.shared``) and shared by the stages
+placed there.
 
 ``actor(ctx)`` is the policy (a model + its training and inference engines), shared by
 the rollout and the actor update when they run in the same process (co-located, like
@@ -7,35 +8,35 @@ verl's hybrid engine). ``reference(ctx)`` is a frozen copy of the initial policy
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from distflow.engines.generation import InferenceEngine
 from distflow.engines.training import OptimConfig, TrainEngine
-from distflow.models import DecoderLM, ModelConfig, load_pretrained, load_tokenizer, preset
+from distflow.models import (DecoderLM, ModelConfig, load_pretrained, load_tokenizer, preset,
+                             save_pretrained)
 from distflow.models.tokenizer import CharTokenizer
 from distflow.rl.tasks import get_task
 
-_PROCESS: dict[str, object] = {}
 
-
-def device_for(ctx) -> torch.device:
+def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
+def _load_tokenizer(params: dict):
+    model = params["model"]
+    return load_tokenizer(model) if Path(model).is_dir() else CharTokenizer(get_task(params["task"]).alphabet)
+
+
 def tokenizer(ctx):
     """The checkpoint's ``tokenizer.json`` when ``model`` is a directory, else the task's."""
-    if "tokenizer" not in _PROCESS:
-        model = ctx.params["model"]
-        if Path(model).is_dir():
-            _PROCESS["tokenizer"] = load_tokenizer(model)
-        else:
-            _PROCESS["tokenizer"] = CharTokenizer(get_task(ctx.params["task"]).alphabet)
-    return _PROCESS["tokenizer"]
+    return ctx.shared("tokenizer", lambda: _load_tokenizer(ctx.params))
 
 
 def preset_config(name: str, tok) -> ModelConfig:
@@ -44,18 +45,34 @@ def preset_config(name: str, tok) -> ModelConfig:
                   pad_token_id=tok.pad_id, bos_token_id=tok.bos_id)
 
 
+_ANNOUNCED: set[tuple[str, str]] = set()  # (model, dtype) pairs rank 0 has printed
+
+
+def model_dtype(ctx) -> torch.dtype:
+    """The dtype of the policy's weights and activations (``dtype=``, see
+    ``distflow.models.hf.resolve_dtype``); rank 0 says once which one and why."""
+    from distflow.models.hf import resolve_dtype
+
+    name = ctx.params["model"]
+    dtype, why = resolve_dtype(ctx.params.get("dtype", "auto"), name if Path(name).is_dir() else None)
+    if ctx.rank == 0 and (name, why) not in _ANNOUNCED:
+        _ANNOUNCED.add((name, why))
+        print(f"distflow: model {name!r} in {str(dtype).removeprefix('torch.')} ({why})", file=sys.stderr)
+    return dtype
+
+
 def _initial_model(ctx) -> DecoderLM:
     """The starting policy: a checkpoint directory or a preset with random weights."""
     name, tok = ctx.params["model"], tokenizer(ctx)
     if Path(name).is_dir():
-        model = load_pretrained(name)
+        model = load_pretrained(name, dtype=model_dtype(ctx))
     else:
         torch.manual_seed(ctx.seed)  # identical initial weights on every rank
-        model = DecoderLM(preset_config(name, tok))
+        model = DecoderLM(preset_config(name, tok)).to(model_dtype(ctx))
     if model.config.vocab_size < tok.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but model {name!r} only "
                          f"{model.config.vocab_size} embeddings")
-    return model.to(device_for(ctx))
+    return model.to(default_device())
 
 
 @dataclass
@@ -71,49 +88,48 @@ def optim_config(ctx, prefix: str = "") -> OptimConfig:
                        micro_batch_tokens=p.get("micro_batch_tokens", 4096))
 
 
+def save_model_files(ctx, engine: TrainEngine, directory: Path) -> None:
+    """Next to the weights ``engine.save`` wrote: the model's ``config.json`` and tokenizer
+    files, so ``distflow export`` needs nothing outside the checkpoint."""
+    from distflow.export import save_model_files as write
+
+    path = engine.checkpoint_path(directory, ctx.island)
+    if path is not None:
+        write(path, engine.model.config, next(engine.model.parameters()).dtype, tokenizer(ctx))
+
+
 def policy(ctx) -> DecoderLM:
     """This process's policy model, shared by generation and training when co-located."""
-    if "policy" not in _PROCESS:
-        _PROCESS["policy"] = _initial_model(ctx)
-    return _PROCESS["policy"]
+    return ctx.shared("policy", lambda: _initial_model(ctx))
 
 
 def policy_inference(ctx) -> InferenceEngine:
     """Generation on the shared policy (co-located: it sees every update at once)."""
-    if "policy_inference" not in _PROCESS:
-        tok = tokenizer(ctx)
-        _PROCESS["policy_inference"] = InferenceEngine(policy(ctx), tok.eos_id, tok.pad_id)
-    return _PROCESS["policy_inference"]
+    tok = tokenizer(ctx)
+    return ctx.shared("policy/inference", lambda: InferenceEngine(policy(ctx), tok.eos_id, tok.pad_id))
 
 
 def actor(ctx) -> Actor:
     """The policy with its training engine, built from the trainer stage's context (its
     data-parallel group, and its DiLoCo sync when the trainer group has islands)."""
-    if "actor" not in _PROCESS:
+    def build() -> Actor:
         model = policy(ctx)
         sync = ctx.diloco(model) if ctx.diloco else None
-        _PROCESS["actor"] = Actor(model, TrainEngine(model, optim_config(ctx), ctx.process_group, sync,
-                                                        ctx.reducer))
-    return _PROCESS["actor"]
+        return Actor(model, TrainEngine(model, optim_config(ctx), ctx.process_group, sync, ctx.reducer))
+    return ctx.shared("policy/train", build)
 
 
 def policy_copy(ctx) -> InferenceEngine:
     """A generation-only copy of the initial policy (disaggregated rollout workers): no
     optimizer state; its weights are refreshed by weight sync."""
-    if "policy_copy" not in _PROCESS:
-        model = _initial_model(ctx).eval().requires_grad_(False)
-        tok = tokenizer(ctx)
-        _PROCESS["policy_copy"] = InferenceEngine(model, tok.eos_id, tok.pad_id)
-    return _PROCESS["policy_copy"]
+    tok = tokenizer(ctx)
+    return ctx.shared("policy/copy", lambda: InferenceEngine(
+        _initial_model(ctx).eval().requires_grad_(False), tok.eos_id, tok.pad_id))
 
 
 def reference(ctx) -> DecoderLM:
     """A frozen copy of the initial policy."""
-    if "reference" not in _PROCESS:
-        ref = _initial_model(ctx)
-        ref.requires_grad_(False).eval()
-        _PROCESS["reference"] = ref
-    return _PROCESS["reference"]
+    return ctx.shared("reference", lambda: _initial_model(ctx).requires_grad_(False).eval())
 
 
 class Critic(torch.nn.Module):
@@ -122,7 +138,7 @@ class Critic(torch.nn.Module):
     def __init__(self, body: DecoderLM):
         super().__init__()
         self.body = body
-        self.value_head = torch.nn.Linear(body.config.hidden_size, 1)
+        self.value_head = torch.nn.Linear(body.config.hidden_size, 1, dtype=next(body.parameters()).dtype)
         torch.nn.init.zeros_(self.value_head.weight)
         torch.nn.init.zeros_(self.value_head.bias)
 
@@ -137,19 +153,18 @@ class Critic(torch.nn.Module):
 
 
 def critic(ctx) -> tuple[Critic, TrainEngine]:
-    if "critic" not in _PROCESS:
-        model = Critic(_initial_model(ctx)).to(device_for(ctx))
+    """The critic and its training engine (built from the first stage that asks: values and
+    the critic update are in the same group)."""
+    def build() -> tuple[Critic, TrainEngine]:
+        model = Critic(_initial_model(ctx)).to(default_device())
         sync = ctx.diloco(model) if ctx.diloco else None
-        _PROCESS["critic"] = (model, TrainEngine(model, optim_config(ctx, "critic_"),
-                                                 ctx.process_group, sync, ctx.reducer))
-    return _PROCESS["critic"]
+        return model, TrainEngine(model, optim_config(ctx, "critic_"), ctx.process_group, sync, ctx.reducer)
+    return ctx.shared("critic", build)
 
 
 def load_reward_model(directory: str | Path, device) -> Critic:
     """A neural reward model: an HF-format decoder checkpoint plus ``value_head.safetensors``
     (a [1, hidden] weight and [1] bias) that scores the last token of a sequence."""
-    from safetensors.torch import load_file
-
     head = Path(directory) / "value_head.safetensors"
     if not head.is_file():
         raise FileNotFoundError(f"reward model {directory} has no value_head.safetensors")
@@ -159,9 +174,6 @@ def load_reward_model(directory: str | Path, device) -> Critic:
 
 
 def save_reward_model(model: Critic, directory: str | Path) -> None:
-    from safetensors.torch import save_file
-
-    from distflow.models import save_pretrained
     save_pretrained(model.body, directory)
     save_file({k: v.contiguous() for k, v in model.value_head.state_dict().items()},
               str(Path(directory) / "value_head.safetensors"))

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from distflow.algos import get_advantage, get_kl_estimator, get_policy_loss
-from distflow.models import ModelConfig, load_tokenizer
+from distflow.models import DecoderLM, ModelConfig, load_tokenizer
 from distflow.models.tokenizer import CharTokenizer
 from distflow.rl.actors import preset_config
 from distflow.rl.tasks import get_reward, get_task
@@ -42,18 +44,17 @@ def check_rl_params(params: dict) -> None:
     for key in ("prompts", "group_size", "ppo_epochs"):
         if params[key] < 1:
             raise ValueError(f"{key} must be >= 1, got {params[key]}")
+    from distflow.models.hf import resolve_dtype
+    resolve_dtype(params.get("dtype", "auto"))  # float32 | bfloat16 | auto
 
 
 def rl_model_params(params: dict) -> dict[str, int]:
     """Parameter counts of the policy, reference and critic (for ``distflow plan``)."""
-    from distflow.models import DecoderLM
-
     model = params["model"]
     if Path(model).is_dir():
         cfg = ModelConfig.from_pretrained(model)
     else:
         cfg = preset_config(model, CharTokenizer(get_task(params["task"]).alphabet))
-    import torch
     with torch.device("meta"):
         n = DecoderLM(cfg).num_parameters()
     return {"policy": n, "reference": n, "critic": n + cfg.hidden_size + 1}

@@ -5,7 +5,9 @@ Batch columns (N samples, P prompt slots, R response slots):
 right-padded, ``response_mask`` [N, R], ``old_logprobs`` [N, R] (at generation),
 ``rewards`` [N], ``ref_logprobs`` [N, R], ``values`` [N, R] (PPO), ``advantages`` and
 ``returns`` [N, R]. Widths are fixed by config (``max_prompt_len``, ``max_new_tokens``)
-so shards from different ranks concatenate.
+so shards from different ranks concatenate. The scoring stages (reward, reference,
+values) send on only the column they add; ``Advantages`` joins them with the rollouts
+by sample id.
 """
 from __future__ import annotations
 
@@ -16,15 +18,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from safetensors.torch import load_model
-
 from distflow import Batch
 from distflow.algos import (entropy_from_logits, get_advantage, get_policy_loss,
                             kl_divergence, logprobs_from_logits, value_loss)
 from distflow.engines.generation import left_pad
 from distflow.engines.sampling import SamplingParams
 from distflow.memory import MemoryConfig, MemoryPolicy, offload_module, onload_module
-from distflow.models.prefix import forward_shared, shared_prefixes
+from distflow.models.prefix import forward_distinct, forward_shared, shared_prefixes
 from distflow.rl import actors
 from distflow.rl.tasks import get_reward, get_task
 
@@ -50,7 +50,11 @@ def response_outputs(model, batch: Batch, share_prefix: bool = True) -> torch.Te
     p, r = batch["prompts"].shape[1], batch["responses"].shape[1]
     shared = shared_prefixes(tokens[:, :p], mask[:, :p]) if share_prefix else None
     if shared is None:
-        return model(tokens[:, :p + r - 1], positions[:, :p + r - 1], mask[:, :p + r - 1])[:, p - 1:]
+        if not share_prefix:
+            return model(tokens[:, :p + r - 1], positions[:, :p + r - 1], mask[:, :p + r - 1])[:, p - 1:]
+        # distinct prompts: real tokens of several rows packed together where that pays
+        return forward_distinct(model, tokens[:, :p + r - 1], positions[:, :p + r - 1], mask[:, :p + r - 1],
+                                p)[:, p - 1:]
     first, inverse = shared
     if r == 1:
         return model(tokens[first, :p], positions[first, :p], mask[first, :p])[:, -1:].index_select(0, inverse)
@@ -108,8 +112,8 @@ class Rollout:
     """Samples ``group_size`` responses per prompt with the policy (KV-cached).
 
     Co-located with the trainer it uses the trainer's own model (policy version = step).
-    Disaggregated it holds its own copy and, before step k, takes weight syncs until its
-    version is at least ``k - max_staleness``; each sample is tagged with that version.
+    Disaggregated it holds its own copy, refreshed by weight sync (``WeightSync.refresh``
+    owns the staleness rule).
     """
 
     holds = {"policy": "infer"}
@@ -120,22 +124,24 @@ class Rollout:
                                        top_k=p["top_k"], max_new_tokens=p["max_new_tokens"])
         self.sync = ctx.weight_sync
         self.infer = actors.policy_copy(ctx) if self.sync else actors.policy_inference(ctx)
-        self.version = 0
         context = self.infer.model.config.max_position_embeddings
         if p["max_prompt_len"] + p["max_new_tokens"] > context:
             raise ValueError(f"max_prompt_len={p['max_prompt_len']} + max_new_tokens="
                              f"{p['max_new_tokens']} exceeds the model context of {context}")
 
-    def __call__(self, ctx, prompts: Batch):
+    def _refresh(self, ctx) -> int:
+        """The policy version generation uses at this step."""
         if self.sync is None:
-            self.version = ctx.step
-        t0, synced = time.perf_counter(), False
-        while self.version < ctx.step - ctx.max_staleness:
-            self.version = self.sync.receive(self.infer.model)
-            synced = True
-        if synced:  # its own phase: time (including the wait for the trainer) and memory
+            return ctx.step
+        t0, before = time.perf_counter(), self.sync.version
+        version = self.sync.refresh(self.infer.model, ctx.step)
+        if version != before:  # its own phase: time (including the wait for the trainer) and memory
             ctx.log(**{"timing_s/weight_sync": time.perf_counter() - t0},
                     **MemoryPolicy(MemoryConfig()).measure("weight_sync"))
+        return version
+
+    def __call__(self, ctx, prompts: Batch):
+        version = self._refresh(ctx)
         # each sample's randomness depends on (seed, sample id) only: any placement, any
         # number of workers, the same responses
         row_seeds = prompts.sample_ids + ctx.seed * 1_000_000_007
@@ -146,22 +152,18 @@ class Rollout:
         mask = F.pad(out.response_mask, (0, width), value=False)
         logprobs = F.pad(out.logprobs, (0, width), value=0.0)
         ctx.log(**{"count/tokens": int(prompts.lengths.sum() + out.lengths.sum()),
-                   "rollout/staleness": ctx.step - self.version})
+                   "rollout/staleness": ctx.step - version})
         ctx.log_mean(len(prompts), **{"response_length/mean": out.lengths.float().mean()})
-        batch = prompts.with_columns(responses=responses, response_mask=mask, old_logprobs=logprobs,
-                                     policy_version=torch.full((len(prompts),), self.version))
+        batch = prompts.with_columns(responses=responses, response_mask=mask, old_logprobs=logprobs)
         batch.lengths = prompts.lengths + out.lengths
         return {"rollouts": batch}
 
     def save_checkpoint(self, ctx, directory: Path) -> None:
-        """Nothing of its own: a disaggregated copy restarts from the actor's weights."""
+        """Nothing of its own: a disaggregated copy restarts from the trainer's weights."""
 
     def load_checkpoint(self, ctx, directory: Path) -> None:
         if self.sync is not None:
-            actor_dir = directory.parent / "update_actor"
-            actor_dir = actor_dir / "island0" if (actor_dir / "island0").is_dir() else actor_dir
-            load_model(self.infer.model, str(actor_dir / "model.safetensors"))
-            self.version = ctx.step + 1
+            self.sync.resume(self.infer.model, ctx.step)
 
 
 # -- scoring -------------------------------------------------------------------------------
@@ -207,7 +209,7 @@ class Reward:
                                  f"{completion!r}): {type(e).__name__}: {e}") from e
         rewards = torch.tensor(rewards, dtype=torch.float32)
         ctx.log_mean(len(rewards), **{"reward/mean": rewards.mean()})
-        return {"scored": rollouts.with_columns(rewards=rewards)}
+        return {"scored": rollouts.only(rewards=rewards)}
 
 
 class RewardModel(_PhaseLocalModel):
@@ -218,7 +220,7 @@ class RewardModel(_PhaseLocalModel):
     holds = {"reward_model": "infer"}
 
     def __init__(self, ctx):
-        self.device = actors.device_for(ctx)
+        self.device = actors.default_device()
         self.model = actors.load_reward_model(ctx.params["reward_model"], self.device)
 
     @torch.no_grad()
@@ -228,7 +230,7 @@ class RewardModel(_PhaseLocalModel):
         last = mask.shape[1] - 1 - mask.long().flip(1).argmax(1)  # last real token
         rewards = values[torch.arange(len(rollouts)), last].cpu()
         ctx.log_mean(len(rewards), **{"reward/mean": rewards.mean()})
-        return {"scored": rollouts.with_columns(rewards=rewards)}
+        return {"scored": rollouts.only(rewards=rewards)}
 
 
 class RefLogprobs(_PhaseLocalModel):
@@ -238,13 +240,13 @@ class RefLogprobs(_PhaseLocalModel):
 
     def __init__(self, ctx):
         self.model = actors.reference(ctx)
-        self.device = actors.device_for(ctx)
+        self.device = actors.default_device()
 
     def __call__(self, ctx, rollouts: Batch):
         with torch.inference_mode():  # copied out: the actor update uses these
             logp = logprobs_from_logits(response_logits(self.model, rollouts), rollouts["responses"].to(
                 next(self.model.parameters()).device))
-        return {"with_ref": rollouts.with_columns(ref_logprobs=logp.cpu().clone())}
+        return {"with_ref": rollouts.only(ref_logprobs=logp.cpu().clone())}
 
 
 class Values:
@@ -258,7 +260,7 @@ class Values:
     def __call__(self, ctx, rollouts: Batch):
         with torch.inference_mode():
             values = _values(self.critic, rollouts)
-        return {"with_values": rollouts.with_columns(values=values.cpu().clone())}
+        return {"with_values": rollouts.only(values=values.cpu().clone())}
 
 
 def _values(critic, batch: Batch) -> torch.Tensor:
@@ -267,20 +269,18 @@ def _values(critic, batch: Batch) -> torch.Tensor:
 
 # -- advantages ----------------------------------------------------------------------------
 class Advantages:
-    """Joins the scored rollouts with the reference log-probs (and, for PPO, the values),
-    which arrive from parallel branches, and computes advantages with the registered
-    estimator named in ``advantage`` (grpo, rloo, reinforce_pp; gae for PPO, with the KL
-    penalty folded into the token rewards)."""
+    """Joins the rollouts with their rewards and reference log-probs (and, for PPO, the
+    values), which arrive from parallel branches, and computes advantages with the
+    registered estimator named in ``advantage`` (grpo, rloo, reinforce_pp; gae for PPO,
+    with the KL penalty folded into the token rewards)."""
 
     def __init__(self, ctx):
         self.name = ctx.params["advantage"]
         self.fn = get_advantage(self.name)
 
-    def __call__(self, ctx, scored: Batch, with_ref: Batch, with_values: Batch | None = None):
-        extra = {"ref_logprobs": with_ref["ref_logprobs"]}
-        if with_values is not None:
-            extra["values"] = with_values["values"]
-        batch = scored.with_columns(**extra)
+    def __call__(self, ctx, rollouts: Batch, scored: Batch, with_ref: Batch,
+                 with_values: Batch | None = None):
+        batch = rollouts.join(scored, with_ref, *([with_values] if with_values is not None else []))
         mask = batch["response_mask"].float()
         if self.name == "gae":
             kl = kl_divergence(batch["old_logprobs"], batch["ref_logprobs"], "k1") * mask
@@ -350,9 +350,8 @@ class ActorUpdate:
             # metrics' sums (the same keys in the same order on every rank): one collective
             stats = engine.step(len(batch), batch.lengths, lambda i: self._loss(ctx, batch.select(i)),
                                 normalizer="tokens", sums=self._SUMS)
-        version = ctx.step + 1  # updates applied so far
-        if ctx.weight_sync is not None and version <= ctx.steps - 1 - ctx.max_staleness:
-            ctx.weight_sync.send(self.actor.model, version)  # only versions a rollout will take
+        if ctx.weight_sync is not None:
+            ctx.weight_sync.publish(self.actor.model, ctx.step)
         sums = {k: stats.get(k, 0.0) for k in self._SUMS}
         t = max(sums.pop("tokens"), 1.0)
         ctx.log(**{f"actor/{k}": v / t for k, v in sums.items()},
@@ -361,9 +360,12 @@ class ActorUpdate:
 
     def save_checkpoint(self, ctx, directory: Path) -> None:
         self.actor.train.save(directory, ctx.island)
+        actors.save_model_files(ctx, self.actor.train, directory)  # what `distflow export` reads
 
     def load_checkpoint(self, ctx, directory: Path) -> None:
         self.actor.train.load(directory, ctx.island)
+        if ctx.weight_sync is not None:
+            ctx.weight_sync.resume(self.actor.model, ctx.step)
 
 
 class CriticUpdate:

@@ -58,8 +58,22 @@ class ReverseTask:
         return hits / max(len(answer), len(completion), 1)
 
 
-TASKS = {"reverse": ReverseTask, "mod_sum": ModSumTask}
-REWARDS: dict[str, RewardFn] = {"reverse": ReverseTask.reward, "mod_sum": ModSumTask.reward}
+class RaggedReverseTask(ReverseTask):
+    """``reverse`` with 1 to 64 digits per prompt (uniform): answers of very uneven length,
+    as in real RL runs where most of the time goes to long, ragged generations."""
+
+    min_digits, max_digits = 1, 64
+    max_prompt_len = max_digits + 1
+
+    def prompts(self, n: int, seed: int, step: int) -> list[str]:
+        rng = random.Random(seed * 1_000_003 + step)
+        return ["".join(str(rng.randrange(10)) for _ in range(rng.randint(self.min_digits, self.max_digits))) + "="
+                for _ in range(n)]
+
+
+TASKS = {"reverse": ReverseTask, "reverse_ragged": RaggedReverseTask, "mod_sum": ModSumTask}
+REWARDS: dict[str, RewardFn] = {"reverse": ReverseTask.reward, "reverse_ragged": ReverseTask.reward,
+                                "mod_sum": ModSumTask.reward}
 
 
 def get_task(name: str):

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 
 def cpu_slice(local_rank: int, local_world_size: int, allowed: list[int]) -> list[int]:
     """The cores of local rank ``local_rank``: its ``len(allowed) // local_world_size``
@@ -28,8 +30,6 @@ def cpu_slice(local_rank: int, local_world_size: int, allowed: list[int]) -> lis
 
 def pin_local_rank(local_rank: int) -> list[int]:
     """Pin every thread of this process to its slice; returns the cores ([] if not pinned)."""
-    import torch
-
     if os.environ.get("DISTFLOW_CPU_AFFINITY", "1") == "0" or not hasattr(os, "sched_setaffinity"):
         return []
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

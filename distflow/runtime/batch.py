@@ -67,6 +67,25 @@ class Batch:
         return Batch({**self.data, **columns}, self.sample_ids, self.lengths,
                      self.groups, dict(self.meta))
 
+    def only(self, **columns: torch.Tensor) -> "Batch":
+        """A new batch of the same samples with just ``columns``: what a stage that adds
+        columns (a reward, reference log-probs, values) sends on, for a consumer to
+        ``join`` with the batch it already has."""
+        return Batch(dict(columns), self.sample_ids, self.lengths, self.groups, dict(self.meta))
+
+    def join(self, *others: "Batch") -> "Batch":
+        """This batch with the columns of ``others``, which hold the same samples in the
+        same order (the worker aligns a stage's inputs by sample id)."""
+        data = dict(self.data)
+        for other in others:
+            if not torch.equal(other.sample_ids, self.sample_ids):
+                missing = sorted(set(self.sample_ids.tolist()) ^ set(other.sample_ids.tolist()))
+                raise ValueError(f"cannot join batches of different samples ({len(self)} and "
+                                 f"{len(other)} samples; ids in only one: {missing[:8]})"
+                                 if missing else "cannot join batches whose samples are in a different order")
+            data.update(other.data)
+        return Batch(data, self.sample_ids, self.lengths, self.groups, dict(self.meta))
+
     def select(self, index: torch.Tensor | list[int]) -> "Batch":
         """The samples at ``index`` (positions, in that order)."""
         idx = torch.as_tensor(index, dtype=torch.int64)

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 WEIGHT = "__weight__/"
+T = TypeVar("T")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StageContext:
     stage: str
     rank: int
@@ -35,11 +36,20 @@ class StageContext:
     """With DiLoCo on this stage's group: ``diloco(model) -> DiLoCo`` sync for its trainer."""
     weight_sync: Any = None
     """With disaggregated placement, on trainer and rollout stages: the ``WeightSync``."""
-    max_staleness: int = 0
     streams: Any = None
     """``Streams``: microbatches sent along an edge inside one step (see runtime/stream.py)."""
     step: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    models: dict[str, Any] = field(default_factory=dict)
+    """This process's shared objects (see ``shared``); one dict for all stages of a rank."""
+
+    def shared(self, name: str, build: Callable[[], T]) -> T:
+        """The object ``name`` of this process, built by ``build()`` the first time any
+        stage asks: co-located stages share one model this way (name it as the stages'
+        ``holds`` do, e.g. ``"policy"``)."""
+        if name not in self.models:
+            self.models[name] = build()
+        return self.models[name]
 
     def log(self, **values: float) -> None:
         """Record metrics for this step (averaged over the ranks that report them)."""

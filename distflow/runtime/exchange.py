@@ -24,10 +24,15 @@ plan depends only on the set of units, so all inputs then agree.
 ``routing=hub`` sends every edge through rank 0 (gather there, split, send out): the
 single-controller shape of verl-style drivers, kept as the benchmark baseline.
 A consumer always knows exactly which ranks it waits for; every sample arrives once.
+
+Data move per datum, not per edge: the edges of one datum whose routes are the same
+(kind, consumer ranks, consumer layout) share one *transfer* (``Route.key``), sent once
+and handed to every stage on the consumer rank that reads it. So when reward, reference
+and advantages all live on the trainer's workers, the rollouts cross the wire once.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from distflow.dag import Edge, Pipeline
 from distflow.placement import Placement
@@ -47,6 +52,16 @@ class Route:
     dst: tuple[int, ...]
     src_dp: bool
     dst_dp: bool
+    key: str = field(default="", compare=False)
+    """The transfer this edge's data travel in; edges with the same key share it."""
+
+
+def transfer_key(r: Route) -> str:
+    """Edges of one datum with equal routes get equal keys (``routing=hub``: one per edge)."""
+    if r.kind == "hub":
+        return r.edge.key
+    layout = "dp" if r.dst_dp else "whole"
+    return f"{r.edge.src}.{r.edge.name}:{r.kind}->{layout}{list(r.dst)}".replace(" ", "")
 
 
 def plan_routes(pipeline: Pipeline, placement: Placement, routing: str) -> dict[Edge, Route]:
@@ -79,13 +94,17 @@ def plan_routes(pipeline: Pipeline, placement: Placement, routing: str) -> dict[
             sharding[name] = "whole"
         else:
             sharding[name] = next(iter(labels.values()), f"source:{name}:{dst}")
-    return routes
+    return {e: replace(r, key=transfer_key(r)) for e, r in routes.items()}
 
 
 def _split(batch: Batch, n: int) -> list[Batch]:
     """A whole batch split over ``n`` consumers by LPT (consumer j gets part j)."""
     _, costs = units_of(batch)
     return split_by_plan(batch, reshard_plan([costs], n, [unit_keys(batch)])[0], n)
+
+
+def _nbytes(batch: Batch) -> int:
+    return sum(t.numel() * t.element_size() for t in batch.tensors().values())
 
 
 def _to_message(src: int, kind: str, key: tuple, batch: Batch) -> Message:
@@ -97,21 +116,44 @@ def _from_messages(msgs: dict[int, Message], order: tuple[int, ...]) -> Batch:
 
 
 class Exchange:
-    """Sends and receives the batches of one rank, edge by edge, iteration by iteration."""
+    """Sends and receives the batches of one rank, transfer by transfer, step by step."""
 
     def __init__(self, peer: Peer, routes: dict[Edge, Route]):
         self.peer, self.routes, self.rank = peer, routes, peer.rank
-        self._local: dict[tuple, Batch] = {}
+        self._readers: dict[str, int] = {}  # transfer key -> edges that read it
+        for r in routes.values():
+            self._readers[r.key] = self._readers.get(r.key, 0) + 1
+        self._held: dict[tuple, list] = {}  # (step, key) -> [batch, reads left] on a consumer
+        self.bytes_sent: dict[str, int] = {}
+        """Tensor bytes this rank put on the wire since ``take_counts``, per transfer."""
 
     def _send(self, dst: int, kind: str, key: tuple, batch: Batch, step: int) -> None:
+        if dst != self.rank:
+            label = key[1]
+            self.bytes_sent[label] = self.bytes_sent.get(label, 0) + _nbytes(batch)
         self.peer.send(dst, _to_message(self.rank, kind, key, batch), step=step)
 
+    def take_counts(self) -> dict[str, float]:
+        """``count/bytes_sent/<transfer>`` (and their total) since the last call, then zero."""
+        counts = {f"count/bytes_sent/{k}": float(v) for k, v in self.bytes_sent.items()}
+        counts["count/bytes_sent"] = float(sum(self.bytes_sent.values()))
+        self.bytes_sent = {}
+        return counts
+
     # -- producer side ------------------------------------------------------------------
+    def publish_outputs(self, edges: list[Edge], step: int, outputs: dict[str, Batch]) -> None:
+        """A stage's outputs along its out-edges, each transfer once."""
+        done = set()
+        for e in edges:
+            if self.routes[e].key not in done:
+                done.add(self.routes[e].key)
+                self.publish(e, step, outputs[e.name])
+
     def publish(self, edge: Edge, step: int, batch: Batch) -> None:
         r = self.routes[edge]
-        key = (step, edge.key)
+        key = (step, r.key)
         if r.kind == "local":
-            self._local[key] = batch
+            self._hold(key, batch)
         elif r.kind == "hub":
             if r.src_dp or self.rank == r.src[0]:
                 self._send(HUB, "hub", key, batch, step)
@@ -148,7 +190,7 @@ class Exchange:
     # -- the hub (routing=hub, rank 0 only) ---------------------------------------------
     def forward(self, edge: Edge, step: int) -> None:
         r = self.routes[edge]
-        key = (step, edge.key)
+        key = (step, r.key)
         senders = r.src if r.src_dp else r.src[:1]
         whole = _from_messages(self.peer.recv("hub", key, list(senders)), senders)
         parts = _split(whole, len(r.dst)) if r.dst_dp else [whole] * len(r.dst)
@@ -156,18 +198,28 @@ class Exchange:
             self._send(d, "data", key, part, step)
 
     # -- consumer side ------------------------------------------------------------------
+    def _hold(self, key: tuple, batch: Batch) -> None:
+        self._held[key] = [batch, self._readers[key[1]]]
+
     def collect(self, edge: Edge, step: int) -> Batch:
+        """``edge``'s data for ``step``; a transfer several edges read arrives once."""
         r = self.routes[edge]
-        key = (step, edge.key)
-        if r.kind == "local":
-            return self._local.pop(key)
-        if r.kind == "hub":
-            senders: tuple[int, ...] = (HUB,)
-        elif r.kind == "replicate":
-            senders = (self._replica_source(r, r.dst.index(self.rank)),)
-        else:
-            senders = r.src
-        return _from_messages(self.peer.recv("data", key, list(senders)), senders)
+        key = (step, r.key)
+        if key not in self._held:
+            if r.kind == "local":
+                raise KeyError(f"edge {edge.key}: nothing published for step {step}")
+            if r.kind == "hub":
+                senders: tuple[int, ...] = (HUB,)
+            elif r.kind == "replicate":
+                senders = (self._replica_source(r, r.dst.index(self.rank)),)
+            else:
+                senders = r.src
+            self._hold(key, _from_messages(self.peer.recv("data", key, list(senders)), senders))
+        held = self._held[key]
+        held[1] -= 1
+        if held[1] == 0:
+            del self._held[key]
+        return held[0]
 
 
 def _check_groups_whole(units: dict[int, dict[str, list[int]]], edge: Edge) -> None:

@@ -21,19 +21,19 @@ class DistEnv:
     world_size: int
     local_rank: int
     master_addr: str
-    master_port: int
 
     @staticmethod
     def from_environ() -> "DistEnv":
         if "RANK" not in os.environ:  # plain `python`: one process
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         env = os.environ
         return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
-                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)))
+                       env.get("MASTER_ADDR", "127.0.0.1"))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on loopback that nobody listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

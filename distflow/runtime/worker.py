@@ -12,18 +12,20 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 from distflow import checkpoint
-from distflow.config import RunConfig
-from distflow.dag import Pipeline, Stage
+from distflow.dag import Stage
+from distflow.diloco import DiLoCo, ProcessGroupReducer
+from distflow.engines.weight_sync import WeightSync
 from distflow.memory import MemoryPolicy
-from distflow.placement import Placement
 from distflow.runtime.batch import Batch
 from distflow.runtime.collective import PeerAllReduce
 from distflow.runtime.context import StageContext
-from distflow.runtime.exchange import HUB, Exchange, plan_routes
+from distflow.runtime.exchange import HUB, Exchange
 from distflow.runtime.metrics import MetricsLog, reduce_metrics
 from distflow.runtime.stream import Streams
+from distflow.runtime.plan import RunPlan
 from distflow.transport.liveness import PeerFailure
 from distflow.transport.peer import Peer
 from distflow.transport.wire import Message
@@ -34,45 +36,59 @@ class StageError(RuntimeError):
 
 
 class Worker:
-    def __init__(self, pipeline: Pipeline, cfg: RunConfig, placement: Placement, peer: Peer,
-                 out_dir: Path, process_groups: dict | None = None, islands=None,
-                 sync_ranks: tuple[int, ...] | None = None, on_step: Callable[[int, dict], None] | None = None):
-        self.pipeline, self.cfg, self.placement, self.peer = pipeline, cfg, placement, peer
+    """Runs ``plan`` on this rank: ``peer`` is its connected data plane, ``process_groups``
+    the torch.distributed groups ``new_process_groups(plan...)`` made."""
+
+    def __init__(self, plan: RunPlan, peer: Peer, process_groups: dict | None = None,
+                 on_step: Callable[[int, dict], None] | None = None):
+        self.plan, self.pipeline, self.cfg = plan, plan.pipeline, plan.config
+        self.placement, self.peer = plan.placement, peer
         self.process_groups = process_groups or {}
-        self.islands = islands
-        self.sync_ranks = sync_ranks
-        self.rank, self.out_dir = peer.rank, out_dir
-        self.exchange = Exchange(peer, plan_routes(pipeline, placement, cfg.routing))
+        self.rank, self.out_dir = peer.rank, Path(plan.config.out)
+        self.exchange = Exchange(peer, plan.routes)
         self.current_stage = ""
         self.on_step = on_step
         self._reducers: dict[tuple[int, ...], PeerAllReduce] = {}
-        self.streams = Streams(peer, placement.groups)
-        self._contexts = {name: self._context(pipeline.stage(name)) for name in pipeline.order
-                          if self.rank in placement.ranks(pipeline.stage(name).group)}
+        self._shared: dict[str, object] = {}  # ctx.shared: one per process
+        self.streams = Streams(peer, self.placement.groups)
+        self._contexts = {name: self._context(self.pipeline.stage(name)) for name in self.pipeline.order
+                          if self.rank in self.placement.ranks(self.pipeline.stage(name).group)}
         self._callables: dict[str, Callable] = {}
-        self.memory = MemoryPolicy(cfg.memory)
-        self._metrics_log = MetricsLog(out_dir / "metrics.jsonl") if self.rank == 0 else None
+        self.memory = MemoryPolicy(self.cfg.memory)
+        self._metrics_log = MetricsLog(self.out_dir / "metrics.jsonl") if self.rank == 0 else None
 
+    # -- what a stage sees ----------------------------------------------------------------
     def _context(self, stage: Stage) -> StageContext:
         ranks = self.placement.ranks(stage.group)
         dp_rank, dp_size = (ranks.index(self.rank), len(ranks)) if stage.data_parallel else (0, 1)
-        ctx = StageContext(stage.name, self.rank, self.placement.world_size, stage.group, ranks,
-                           dp_rank, dp_size, self.cfg.params, self.cfg.seed, self.out_dir,
-                           self.process_groups.get(stage.group), steps=self.cfg.steps)
-        ctx.max_staleness = self.cfg.max_staleness
-        ctx.streams = self.streams
-        if self.sync_ranks is not None and stage.group in self.pipeline.weight_sync:
-            from distflow.engines.weight_sync import WeightSync
-            record = self.out_dir / "weights" if self.cfg.verify_weights else None
-            ctx.weight_sync = WeightSync(self.process_groups["weights"], self.sync_ranks[0],
-                                         self.rank, self.peer.liveness.check, record)
-        if self.islands is not None and stage.group == self.islands.group:
-            ctx.island = self.islands.island_of(self.rank)
-            ctx.process_group = self.process_groups[f"island/{ctx.island}"]
-            ctx.diloco = self._diloco_factory()
-            ranks = self.islands.members[ctx.island]
-        ctx.reducer = self._reducer(ranks, ctx.process_group)
-        return ctx
+        island, members, process_group = self._island(stage)
+        return StageContext(
+            stage=stage.name, rank=self.rank, world_size=self.placement.world_size,
+            group=stage.group, ranks=ranks, dp_rank=dp_rank, dp_size=dp_size,
+            params=self.cfg.params, seed=self.cfg.seed, out_dir=self.out_dir,
+            process_group=process_group, reducer=self._reducer(members, process_group),
+            steps=self.cfg.steps, island=island,
+            diloco=self._diloco_factory() if island is not None else None,
+            weight_sync=self._weight_sync(stage), models=self._shared,
+            streams=self.streams)
+
+    def _island(self, stage: Stage) -> tuple[int | None, tuple[int, ...], object]:
+        """``(island, its ranks, its process group)`` when ``stage``'s group has DiLoCo
+        islands, else ``(None, the group's ranks, the group's process group)``."""
+        islands = self.plan.islands
+        if islands is None or stage.group != islands.group:
+            return None, self.placement.ranks(stage.group), self.process_groups.get(stage.group)
+        island = islands.island_of(self.rank)
+        return island, islands.members[island], self.process_groups[f"island/{island}"]
+
+    def _weight_sync(self, stage: Stage) -> WeightSync | None:
+        """Trainer and rollout stages of a disaggregated run share one ``WeightSync``."""
+        if self.plan.sync_ranks is None or stage.group not in self.pipeline.weight_sync:
+            return None
+        record = self.out_dir / "weights" if self.cfg.verify_weights else None
+        return self._shared.setdefault("__weight_sync__", WeightSync(
+            self.process_groups["weights"], self.plan.sync_ranks, self.rank, self.peer.liveness.check,
+            steps=self.cfg.steps, max_staleness=self.cfg.max_staleness, record_dir=record))
 
     def _reducer(self, ranks, process_group) -> PeerAllReduce | None:
         """One per set of ranks, shared by the stages (and engines) of that group: its
@@ -86,16 +102,15 @@ class Worker:
         return self._reducers[key]
 
     def _diloco_factory(self) -> Callable:
-        from distflow.diloco import DiLoCo, ProcessGroupReducer
-        pos = self.islands.members[self.islands.island_of(self.rank)].index(self.rank)
+        islands = self.plan.islands
+        pos = islands.members[islands.island_of(self.rank)].index(self.rank)
         reducer = ProcessGroupReducer(self.process_groups[f"outer/{pos}"])
-        cfg = self.cfg.diloco.algorithm_config()
-        return lambda model: DiLoCo(model, cfg, reducer)
+        return lambda model: DiLoCo(model, self.cfg.diloco, reducer)
 
     def run(self) -> None:
         self._stateful()  # build every stage (models, engines) before the first step
         start = self._resume() if self.cfg.resume else 0
-        if start:  # the flow-control window counts from the resumed step, not from -1
+        if start:  # steps before `start` count as done for the producers' flow-control window
             self.peer.liveness.update(progress=start - 1)
         self._first_step = start
         self._lag = 1 + self.cfg.max_staleness
@@ -158,6 +173,7 @@ class Worker:
                 for e in self.pipeline.out_edges(name):
                     self.exchange.forward(e, step)
         metrics["timing_s/step"] = time.perf_counter() - t_step
+        metrics.update(self.exchange.take_counts())
         self.current_stage = "metrics"
         self.peer.liveness.update(progress=step)
         self.peer.send(HUB, Message(self.rank, "metrics", (step,), metrics), step=step)
@@ -188,8 +204,7 @@ class Worker:
         t2 = time.perf_counter()
         metrics.update(self.memory.after(stage.name, fn))
         outputs = _check_outputs(stage, outputs, step)
-        for e in self.pipeline.out_edges(stage.name):
-            self.exchange.publish(e, step, outputs[e.name])
+        self.exchange.publish_outputs(self.pipeline.out_edges(stage.name), step, outputs)
         metrics.update(ctx.metrics)
         metrics[f"timing_s/{stage.name}"] = t2 - t1
         metrics[f"comm_s/{stage.name}"] = (t1 - t0) + (time.perf_counter() - t2)
@@ -249,6 +264,5 @@ def _check_outputs(stage: Stage, outputs, step: int) -> dict[str, Batch]:
 
 
 def _barrier() -> None:
-    import torch.distributed as dist
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

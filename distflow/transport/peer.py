@@ -17,8 +17,8 @@ Guarantees:
   finished iteration ``k - window``, so a fast producer can park at most ``window``
   iterations of data in a slow consumer's memory; ZeroMQ high-water marks bound the
   socket queues below that;
-- a malformed, truncated, spoofed or oversized message is dropped with a logged reason
-  (``rejected`` counts them); nothing received is ever unpickled or executed.
+- a malformed, truncated, spoofed or oversized message is dropped with a logged reason;
+  nothing received is ever unpickled or executed.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from typing import Callable
 
 import zmq
 
-from distflow.config import TransportConfig
+from distflow.transport.config import TransportConfig
 from distflow.transport.heap import keep_large_buffers
 from distflow.transport.liveness import Liveness
 from distflow.transport.wire import Limits, Message, WireError, decode, encode
@@ -86,7 +86,6 @@ class Peer:
         self._dealers: dict[int, zmq.Socket] = {}
         self._data_endpoints: dict[int, str] = {}
         self._mailbox: dict[tuple, Message] = {}
-        self.rejected = 0
         self.bytes_sent = 0
 
     # -- set-up ---------------------------------------------------------------------
@@ -199,7 +198,6 @@ class Peer:
             if slot in self._mailbox:
                 raise WireError(f"duplicate message {slot}")
         except WireError as e:
-            self.rejected += 1
             log.warning("rank %d rejected a message: %s", self.rank, e)
             return
         self._mailbox[slot] = msg
