@@ -451,7 +451,7 @@ def _arrival_sizes(plan: Plan, mb, senders: list[int], me: int) -> list[int]:
 class Evaluate:
     """Held-out exact match of the updated model (every ``eval_every`` steps and the last)."""
 
-    holds = {"llm": "eval"}
+    holds = {"llm": "infer"}
 
     def __init__(self, ctx):
         self.side = _LLMSide.of(ctx)
