@@ -8,9 +8,8 @@ Two parts, each a set of ``torchrun --standalone`` runs on this machine:
 metrics lines of the measured steps, the loss curve and the held-out exact match.
 
 ``--part emulated``: the same pipeline with ``emulate=true``: real processes, real
-streams over the data plane (tensors of the small model's shapes), real gradient sums
-(the small model's, as the per-step synchronization point), but every compute block is a
-timed wait from a cost model of a real configuration:
+streams over the data plane (tensors of the small model's shapes), but every compute
+block is a timed wait from a cost model of a real configuration:
 
 - encoder ViT-H/14 (632M params) at up to 336 px, LLM a 7B decoder (LLaVA-1.5 layout: the
   LLM sees every ViT token), one H100 SXM per GPU worker at 400 TFLOP/s achieved in bf16
@@ -22,6 +21,8 @@ timed wait from a cost model of a real configuration:
 - LLM forward + backward: 6 x 6.7B FLOPs per token / 400 TFLOP/s = 0.1 ms per token
   (``cost_llm=1e-4``); a text token of ours stands for 8 real ones (``text_scale=8``:
   prompts and answers of 100-350 tokens);
+- gradient sums: a one-element sum per group and step (the synchronization point; its
+  cost, the same in both layouts, is not modelled);
 - preprocessing: 2 ms per image (decode + resize of a 336 px JPEG), inline on every GPU
   worker in the monolithic layout, on CPU workers of their own (``groups.preprocess``,
   one per 16 GPU workers, counted apart from the GPU workers) in the disaggregated one;
@@ -32,7 +33,7 @@ Calibration: these are FLOP counts at an assumed utilization, not measurements o
 H100 (none is reachable from here); the encoder is 7% of a sample's compute, which with
 the image-count spread of the data decides the group sizes (``groups.encoder`` about
 7.5% of the GPU workers). Not modelled: tensor/pipeline parallelism inside the LLM,
-gradient all-reduce time (the same in both layouts) and the network.
+the gradient all-reduce (the same in both layouts) and the network.
 
 Per emulated run: samples/s (wall clock over the measured steps) and bubble time: the
 idle time of the GPU workers, sum over encoder and LLM ranks of (step period - busy time),

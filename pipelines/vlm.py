@@ -54,6 +54,7 @@ sending tensors of the real model's shapes: the benchmark's emulated-compute mod
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -148,6 +149,10 @@ def _log_busy(ctx, group: str) -> None:
     ctx.log(**{f"busy_s/{group}": _Clock.busy.get(group, 0.0)})
 
 
+def _nothing():
+    return contextlib.nullcontext()
+
+
 class _StreamWait:
     def __init__(self, ctx):
         self.ctx, self.w0 = ctx, ctx.streams.wait_s
@@ -223,6 +228,10 @@ class _Trainer:
         self.reducer = ctx.reducer
 
     def step(self, ctx) -> float:
+        if ctx.params["emulate"]:  # the group's per-step synchronization, not its cost
+            if self.reducer is not None:
+                self.reducer.sum(torch.zeros(1))
+            return 0.0
         for x in self.params:
             if x.grad is None:
                 x.grad = torch.zeros_like(x)
@@ -235,8 +244,7 @@ class _Trainer:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
         norm = torch.nn.utils.clip_grad_norm_(self.params, ctx.params["grad_clip"])
-        if not ctx.params["emulate"]:
-            self.opt.step()
+        self.opt.step()
         self.opt.zero_grad(set_to_none=False)
         return float(norm)
 
@@ -344,7 +352,7 @@ class EncodeBwd:
             with _busy(ctx, "encoder", 2 * ctx.params["cost_enc"] * float(grads.lengths.sum())):
                 if not ctx.params["emulate"]:
                     torch.autograd.backward(out, g)
-        with _busy(ctx, "encoder"):
+        with _busy(ctx, "encoder") if not ctx.params["emulate"] else _nothing():
             norm = self.side.trainer.step(ctx)
         ctx.log(**{"tower/grad_norm": norm})
         if is_eval_step(ctx):
@@ -434,7 +442,7 @@ class LLM:
                 s.send("grads", ctx.step, i, src, Batch({"grad": g[rows]}, img.sample_ids[rows],
                                                        img.lengths[rows]))
                 offset += size
-        with _busy(ctx, "llm"):
+        with _busy(ctx, "llm") if not ctx.params["emulate"] else _nothing():
             norm = self.side.trainer.step(ctx)
         if n_tok:
             ctx.log_mean(n_tok, loss=loss_sum / n_tok)
