@@ -19,8 +19,9 @@ One step, ``batch`` samples split into ``microbatches`` consecutive microbatches
 
 Every arrow is a ``ctx.streams`` edge (runtime/stream.py): each microbatch is sent the
 moment it is ready, so the encoder group forwards microbatch i+1 while the LLM group
-trains on microbatch i, and the encoder's backward of microbatch i starts once its
-gradient is back. Who sends what to whom is ``plan_step``, a pure function of (params,
+trains on microbatch i (forward + backward at once, 1F1B on the LLM side); after its
+last forward the encoder runs each microbatch's backward as soon as that gradient is
+back (so it holds the activations of a whole step's microbatches). Who sends what to whom is ``plan_step``, a pure function of (params,
 step, group ranks) that every rank computes alike: no coordinator, and each receiver
 knows exactly whom it waits for.
 
@@ -34,8 +35,8 @@ knows exactly whom it waits for.
   activations and embedding gradients move peer-to-peer over the data plane.
 
 ``reorder=none|intra|inter|both`` (``distflow.multimodal.reorder``): ``intra`` assigns a
-microbatch's samples to the ranks of each group by LPT on their cost (image patches for the
-encoder, tokens for the LLM) instead of round-robin; ``inter`` orders the microbatches to
+microbatch's samples to the ranks of each group by LPT on their cost (images for
+preprocessing, image patches for the encoder, tokens for the LLM) instead of round-robin; ``inter`` orders the microbatches to
 shrink the pipeline's warm-up and cool-down bubbles. Neither changes the math: the loss is
 a sum over the step's answer tokens divided by their (planned) count, and gradients are
 summed over each group before the optimizer step, so every placement and ordering gives
@@ -50,7 +51,7 @@ blocked on stream receives), ``count/samples``, plus the runtime's ``timing_s/*`
 
 ``emulate=true`` replaces compute (rendering, preprocessing, encoder, LLM) with timed
 waits from a cost model (``cost_*`` keys, seconds; see benchmarks/multimodal.py) while
-sending tensors of the real model's shapes: the benchmark's emulated-compute mode.
+sending tensors of the small model's shapes: the benchmark's emulated-compute mode.
 """
 from __future__ import annotations
 
