@@ -118,7 +118,8 @@ def part_emulated(args, tmp: Path) -> list[dict]:
         pre = max(1, n // 16)
         scaled = [f"{k}={v * args.time_scale if k.startswith('cost') else v}" for k, v in COST.items()]
         common = ["emulate=true", f"steps={args.warmup + args.steps}", f"batch={args.per_gpu * n * args.microbatches}",
-                  f"microbatches={args.microbatches}", "eval_every=0", "seed=0", *scaled]
+                  f"microbatches={args.microbatches}", "eval_every=0", "seed=0", *scaled,
+                  f"transport.peer_timeout_s={args.peer_timeout}"]
         layouts = [("monolithic", "none", n, ["placement=monolithic"])]
         for reorder in ("none", "intra", "both"):
             layouts.append(("disaggregated", reorder, n + pre,
@@ -169,6 +170,8 @@ def main() -> None:
     ap.add_argument("--time-scale", type=float, default=0.2)
     ap.add_argument("--real-steps", type=int, default=150)
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--peer-timeout", type=float, default=10,
+                    help="transport.peer_timeout_s; 64 processes on 2 cores starve heartbeats at 10 s")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="distflow-mm-"))
