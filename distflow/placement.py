@@ -50,8 +50,9 @@ def plan_placement(pipeline: Pipeline, world_size: int, strategy: str = "colocat
                    sizes: dict[str, int | str] | None = None) -> Placement:
     if world_size < 1:
         raise PlacementError(f"WORLD_SIZE must be >= 1, got {world_size}")
-    if strategy not in STRATEGIES:
-        raise PlacementError(f"placement {strategy!r} is not one of {list(STRATEGIES)}")
+    if strategy not in STRATEGIES and strategy not in pipeline.layouts:
+        raise PlacementError(f"placement {strategy!r} is not one of "
+                             f"{list(STRATEGIES) + sorted(set(pipeline.layouts) - set(STRATEGIES))}")
     names = [g for g in pipeline.group_names if g != "all"]
     sizes = dict(sizes or {})
     unknown = sorted(set(sizes) - set(names))

@@ -253,7 +253,7 @@ class DecoderLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 key_mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                return_hidden: bool = False):
+                return_hidden: bool = False, inputs_embeds: torch.Tensor | None = None):
         """Next-token logits.
 
         Args:
@@ -269,6 +269,8 @@ class DecoderLM(nn.Module):
             cache: a ``KVCache``; this call writes slots ``[length, length + T)`` of every
                 layer and advances ``cache.length`` by ``T``.
             return_hidden: also return the final (normed) hidden states.
+            inputs_embeds: ``[B, T, H]`` used instead of ``embed_tokens(input_ids)`` (e.g. with
+                image embeddings scattered in); ``input_ids`` then only gives the shape.
 
         Returns:
             ``logits [B, T, V]`` in the parameter dtype, or ``(logits, hidden [B, T, H])``.
@@ -305,7 +307,7 @@ class DecoderLM(nn.Module):
         cos, sin = rotary_cos_sin(position_ids.to(device), self.config.head_dim, self.config.rope_theta,
                                   self.config.rope_scaling)
 
-        h = self.embed_tokens(input_ids)
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, mask, cache, i)
         if cache is not None:

@@ -38,6 +38,8 @@ class StageContext:
     """With disaggregated placement, on trainer and rollout stages: the ``WeightSync``."""
     nonfinite: str = "stop"
     """``stop`` or ``skip``: what a training engine does with a non-finite loss or gradient."""
+    streams: Any = None
+    """``Streams``: microbatches sent along an edge inside one step (see runtime/stream.py)."""
     step: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     models: dict[str, Any] = field(default_factory=dict)

@@ -26,6 +26,7 @@ from distflow.runtime.collective import PeerAllReduce
 from distflow.runtime.context import StageContext
 from distflow.runtime.exchange import HUB, Exchange
 from distflow.runtime.metrics import MetricsLog, checked_metrics, reduce_metrics
+from distflow.runtime.stream import Streams
 from distflow.runtime.plan import RunPlan
 from distflow.transport.liveness import PeerFailure
 from distflow.transport.peer import Peer
@@ -54,6 +55,7 @@ class Worker:
         self.on_step = on_step
         self._reducers: dict[tuple[int, ...], PeerAllReduce] = {}
         self._shared: dict[str, object] = {}  # ctx.shared: one per process
+        self.streams = Streams(peer, self.placement.groups)
         self._contexts = {name: self._context(self.pipeline.stage(name)) for name in self.pipeline.order
                           if self.rank in self.placement.ranks(self.pipeline.stage(name).group)}
         self._callables: dict[str, Callable] = {}
@@ -74,7 +76,7 @@ class Worker:
             steps=self.cfg.steps, island=island,
             diloco=self._diloco_factory() if island is not None else None,
             weight_sync=self._weight_sync(stage), models=self._shared,
-            nonfinite=self.cfg.nonfinite)
+            nonfinite=self.cfg.nonfinite, streams=self.streams)
 
     def _island(self, stage: Stage) -> tuple[int | None, tuple[int, ...], object]:
         """``(island, its ranks, its process group)`` when ``stage``'s group has DiLoCo
