@@ -207,7 +207,9 @@ def logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, tokens: tor
 class _ChunkedLogprobs(torch.autograd.Function):
     """``(logp [M], entropy [M] or empty)`` of ``hidden [M, H]`` through ``weight [V, H]``,
     ``rows`` positions at a time. Saved for backward: the inputs and per-position
-    ``[M]`` max, logsumexp and entropy, never logits."""
+    ``[M]`` max, logsumexp and entropy, never logits. Chunk temporaries are updated in
+    place: forward holds two [rows, V] tensors at most (the logits and logsumexp's or
+    softmax's), backward one (two with the entropy's gradient)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, tokens, rows, want_entropy):
@@ -218,14 +220,14 @@ class _ChunkedLogprobs(torch.autograd.Function):
         ent = torch.empty(m if want_entropy else 0, **f32)
         for lo in range(0, m, rows):
             sl = slice(lo, lo + rows)
-            # the same ops as logprobs_from_logits / entropy_from_logits on these rows
-            z = torch.nn.functional.linear(hidden[sl], weight).to(acc)  # [c, V]
+            # the same values as logprobs_from_logits / entropy_from_logits on these rows
+            z = torch.nn.functional.linear(hidden[sl], weight).to(acc)  # [c, V], a fresh tensor
             shift[sl] = z.amax(dim=-1)
-            z = z - shift[sl, None]
+            z.sub_(shift[sl, None])
             lse[sl] = torch.logsumexp(z, dim=-1)
             logp[sl] = z.gather(-1, tokens[sl, None]).squeeze(-1) - lse[sl]
             if want_entropy:
-                ent[sl] = lse[sl] - (torch.softmax(z, dim=-1) * z).sum(-1)
+                ent[sl] = lse[sl] - torch.softmax(z, dim=-1).mul_(z).sum(-1)
             del z
         ctx.rows, ctx.want_entropy = rows, want_entropy
         ctx.save_for_backward(hidden, weight, tokens, shift, lse, ent)
@@ -249,16 +251,21 @@ class _ChunkedLogprobs(torch.autograd.Function):
         for lo in range(0, hidden.shape[0], ctx.rows):
             sl = slice(lo, lo + ctx.rows)
             h = hidden[sl]
-            log_p = torch.nn.functional.linear(h, weight).to(acc)  # recomputed: [c, V]
-            log_p -= (shift[sl] + lse[sl])[:, None]   # log softmax (the shift is exact)
-            p = log_p.exp()
-            # d logp[tok] / dz = onehot(tok) - p
-            g = torch.zeros_like(p) if g_logp is None else p * -g_logp[sl, None]
+            # d logp[tok] / dz = onehot(tok) - p;  d entropy / dz = -p * (log p + entropy);
+            # so dz = -p * (g_logp + g_ent * (log p + entropy)) + onehot(tok) * g_logp
+            g = torch.nn.functional.linear(h, weight).to(acc)  # recomputed logits [c, V]
+            g.sub_(shift[sl, None]).sub_(lse[sl, None])         # log p, as in forward
+            if g_ent is None:
+                g.exp_().mul_(-g_logp[sl, None])
+            else:
+                p = g.exp()
+                g.add_(ent[sl, None]).mul_(g_ent[sl, None])
+                if g_logp is not None:
+                    g.add_(g_logp[sl, None])
+                g.mul_(p).neg_()
+                del p
             if g_logp is not None:
                 g.scatter_add_(-1, tokens[sl, None], g_logp[sl, None])
-            if g_ent is not None:  # d entropy / dz = -p * (log p + entropy)
-                g -= p * (log_p + ent[sl, None]) * g_ent[sl, None]
-            del p, log_p
             g = g.to(weight.dtype)
             if need_h:
                 grad_h[sl] = g @ weight
