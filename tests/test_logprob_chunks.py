@@ -170,3 +170,43 @@ def test_response_logprobs_below_the_budget_is_the_full_path_bit_for_bit():
     assert torch.equal(ref, logprobs_from_logits(logits, batch["responses"]).detach())
     assert torch.equal(logp, logprobs_from_logits(logits, batch["responses"]))
     assert torch.equal(ent, entropy_from_logits(logits).detach())
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_actor_update_loss_above_the_budget_equals_the_full_logits(monkeypatch, tied):
+    """``ActorUpdate._loss`` (policy loss, KL to the reference, entropy metric) when the
+    module budget is small enough to chunk (``LOGITS_BUDGET`` is read at each call)."""
+    from types import SimpleNamespace
+
+    from distflow.algos import get_policy_loss, losses
+    from distflow.rl.stages import ActorUpdate
+
+    model, batch = _model(tied, seed=1), _batch(seed=1)
+    g = torch.Generator().manual_seed(2)
+    shape = batch["responses"].shape
+    batch = batch.with_columns(old_logprobs=-7 + torch.randn(shape, generator=g),
+                               ref_logprobs=-7 + torch.randn(shape, generator=g),
+                               advantages=torch.randn(shape, generator=g))
+    update = ActorUpdate.__new__(ActorUpdate)
+    update.actor, update.loss = SimpleNamespace(model=model), get_policy_loss("ppo_clip")
+    ctx = SimpleNamespace(params={"clip_eps": 0.2, "kl_estimator": "k3", "kl_coef": 0.1, "kl_loss": True})
+
+    def run():
+        model.zero_grad()
+        loss, stats = update._loss(ctx, batch)
+        loss.backward()
+        return loss.detach(), stats, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss0, stats0, g0 = run()
+    calls = []
+    real = losses._ChunkedLogprobs.apply
+    monkeypatch.setattr(losses._ChunkedLogprobs, "apply", lambda *a: calls.append(a[3]) or real(*a))
+    monkeypatch.setattr(losses, "LOGITS_BUDGET", _budget(10))
+    loss1, stats1, g1 = run()
+    assert calls == [10]                                      # chunked, 10 tokens a chunk
+    assert torch.allclose(loss1, loss0, rtol=1e-5, atol=1e-5)
+    for k in stats0:
+        assert stats1[k] == pytest.approx(stats0[k], rel=1e-5, abs=1e-5), k
+    for name in g0:
+        scale = g0[name].abs().max().clamp(min=1e-3)
+        assert torch.allclose(g1[name] / scale, g0[name] / scale, atol=1e-5), name

@@ -19,8 +19,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from distflow import Batch
-from distflow.algos import (LOGITS_BUDGET, entropy_from_logits, get_advantage, get_policy_loss,
-                            kl_divergence, logprobs_from_hidden, logprobs_from_logits, value_loss)
+from distflow.algos import (entropy_from_logits, get_advantage, get_policy_loss, kl_divergence,
+                            logprobs_from_hidden, logprobs_from_logits, losses, value_loss)
 from distflow.engines.generation import left_pad
 from distflow.engines.sampling import SamplingParams
 from distflow.memory import MemoryConfig, MemoryPolicy, offload_module, onload_module
@@ -85,17 +85,19 @@ class FinalHidden:
 
 
 def response_logprobs(model, batch: Batch, entropy: bool = False, share_prefix: bool = True,
-                      budget: int = LOGITS_BUDGET):
+                      budget: int | None = None):
     """Log-probs [N, R] (float32) of the response tokens under ``model``; with ``entropy``
     also the entropy [N, R] of each position's distribution (a metric: no gradient).
 
-    When the float32 logits [N, R, V] fit in ``budget`` bytes (every small run) they are
+    When the float32 logits [N, R, V] fit in ``budget`` bytes (default
+    ``distflow.algos.losses.LOGITS_BUDGET``, read at each call; every small run) they are
     made whole (``response_logits``) as always. Above it, and when the model's lm head is
     a plain bias-free linear layer, the model stops at its final hidden states and
     ``logprobs_from_hidden`` applies the head chunk by chunk (recomputed in backward), so
     no more than a chunk's logits is ever held: the same values and gradients up to float
     summation order.
     """
+    budget = losses.LOGITS_BUDGET if budget is None else budget
     dev = next(model.parameters()).device
     tokens = batch["responses"].to(dev)
     head = getattr(model, "lm_head", None)
