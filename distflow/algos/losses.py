@@ -180,13 +180,14 @@ def logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, tokens: tor
     than a chunk of those logits, in forward or backward.
 
     hidden [..., H] (the final, normed hidden states), weight [V, H] (the lm head; an
-    embedding when tied), tokens [...] -> log-probs [...] float32, or ``(log-probs,
-    entropy)``, float32 (float64 for float64 inputs). Positions go through the head in chunks whose [chunk, V] float32 logits
-    take at most ``budget`` bytes (a few such temporaries are alive at once); backward
-    recomputes each chunk's logits from ``hidden`` and ``weight`` instead of saving them,
-    as verl's and Liger's fused linear + cross-entropy do. Both outputs are
-    differentiable with respect to ``hidden`` and ``weight``; the values and gradients
-    equal the full-logits path's up to float summation order.
+    embedding when tied), tokens [...] -> log-probs [...], or ``(log-probs, entropy)``;
+    float32 (float64 for float64 weights). Positions go through the head in chunks whose
+    [chunk, V] float32 logits take at most ``budget`` bytes (two such temporaries are
+    alive at once, see ``_ChunkedLogprobs``); backward recomputes each chunk's logits from
+    ``hidden`` and ``weight`` instead of saving them, as verl's and Liger's fused linear +
+    cross-entropy do. Both outputs are differentiable with respect to ``hidden`` and
+    ``weight``; values and gradients equal the full-logits path's up to float summation
+    order.
     """
     if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1:
         raise ValueError(f"hidden must be [..., H], got {type(hidden).__name__}")
