@@ -23,6 +23,6 @@ __all__ = [
     "ADVANTAGES", "AGG_MODES", "KL_ESTIMATORS", "LOGITS_BUDGET", "POLICY_LOSSES",
     "aggregate", "entropy_from_logits", "gae", "get_advantage", "get_kl_estimator",
     "get_policy_loss", "grpo", "kl_divergence", "kl_k1", "kl_k2", "kl_k3",
-    "logprobs_from_hidden", "logprobs_from_logits", "masked_mean", "masked_sum", "masked_var", "masked_whiten",
-    "place_at_last_token", "ppo_policy_loss", "reinforce_pp", "rloo", "value_loss",
+    "logprobs_from_hidden", "logprobs_from_logits", "masked_mean", "masked_sum", "masked_var",
+    "masked_whiten", "place_at_last_token", "ppo_policy_loss", "reinforce_pp", "rloo", "value_loss",
 ]
