@@ -131,6 +131,18 @@ def _row_chunks(x: torch.Tensor, *others: torch.Tensor):
             yield x[start:start + step]
 
 
+def _check_tokens(tokens: torch.Tensor, shape, vocab: int, what: str) -> None:
+    """``tokens`` is an integer tensor of ``shape`` with ids in ``[0, vocab)``."""
+    if not isinstance(tokens, torch.Tensor) or tuple(tokens.shape) != tuple(shape):
+        got = list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise ValueError(f"tokens must have shape {list(shape)} ({what}), got {got}")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens must be an integer tensor, got {tokens.dtype}")
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+        raise ValueError(f"token ids must be in [0, {vocab}), got min {int(tokens.min())} "
+                         f"max {int(tokens.max())}")
+
+
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[token] per position: logits [N, T, V], tokens [N, T] -> [N, T].
 
@@ -139,16 +151,7 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Te
     batch). Every token id, padding included, must be in [0, V).
     """
     _check_logits(logits)
-    if not isinstance(tokens, torch.Tensor) or tuple(tokens.shape) != tuple(logits.shape[:-1]):
-        got = list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-        raise ValueError(f"tokens must have shape {list(logits.shape[:-1])} "
-                         f"(logits {list(logits.shape)}), got {got}")
-    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise ValueError(f"tokens must be an integer tensor, got {tokens.dtype}")
-    vocab = logits.shape[-1]
-    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
-        raise ValueError(f"token ids must be in [0, {vocab}), got min {int(tokens.min())} "
-                         f"max {int(tokens.max())}")
+    _check_tokens(tokens, logits.shape[:-1], logits.shape[-1], f"logits {list(logits.shape)}")
     if logits.shape[0] == 0:
         return torch.zeros(tokens.shape, dtype=as_float(logits).dtype, device=logits.device)
     parts = []
@@ -158,3 +161,120 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Te
         picked = z.gather(-1, tok.long().unsqueeze(-1)).squeeze(-1)
         parts.append(picked - torch.logsumexp(z, dim=-1))
     return torch.cat(parts)
+
+
+# ----------------------------------------------------------- log-probs from hidden states
+
+# Bytes the float32 logits of one micro-batch may take. Below it the RL stages make the
+# full [N, R, V] logits (``logprobs_from_logits``: every small run, bit for bit as before);
+# above it they apply the lm head in chunks of tokens whose [chunk, V] float32 logits take
+# at most this much (``logprobs_from_hidden``). At Qwen2's 151,936-token vocabulary a
+# chunk is 441 tokens, where the full logits of 256 x 512 tokens would be 80 GB.
+LOGITS_BUDGET = 256 << 20
+
+
+def logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
+                         entropy: bool = False, budget: int = LOGITS_BUDGET):
+    """``logprobs_from_logits(F.linear(hidden, weight), tokens)`` (and, with
+    ``entropy``, ``entropy_from_logits`` of the same logits) without ever holding more
+    than a chunk of those logits, in forward or backward.
+
+    hidden [..., H] (the final, normed hidden states), weight [V, H] (the lm head; an
+    embedding when tied), tokens [...] -> log-probs [...], or ``(log-probs, entropy)``;
+    float32 (float64 for float64 weights). Positions go through the head in chunks whose
+    [chunk, V] float32 logits take at most ``budget`` bytes (two such temporaries are
+    alive at once, see ``_ChunkedLogprobs``); backward recomputes each chunk's logits from
+    ``hidden`` and ``weight`` instead of saving them, as verl's and Liger's fused linear +
+    cross-entropy do. Both outputs are differentiable with respect to ``hidden`` and
+    ``weight``; values and gradients equal the full-logits path's up to float summation
+    order.
+    """
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1:
+        raise ValueError(f"hidden must be [..., H], got {type(hidden).__name__}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        got = list(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be [V, H] with H = {hidden.shape[-1]}, got {got}")
+    if budget <= 0:
+        raise ValueError(f"budget must be > 0 bytes, got {budget}")
+    vocab = weight.shape[0]
+    _check_tokens(tokens, hidden.shape[:-1], vocab, f"hidden {list(hidden.shape)}")
+    rows = max(1, budget // (4 * vocab))                      # positions per chunk
+    logp, ent = _ChunkedLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
+                                       tokens.reshape(-1).long(), rows, entropy)
+    logp = logp.view(tokens.shape)
+    return (logp, ent.view(tokens.shape)) if entropy else logp
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    """``(logp [M], entropy [M] or empty)`` of ``hidden [M, H]`` through ``weight [V, H]``,
+    ``rows`` positions at a time. Saved for backward: the inputs and per-position
+    ``[M]`` max, logsumexp and entropy, never logits. Chunk temporaries are updated in
+    place: forward holds two [rows, V] tensors at most (the logits and logsumexp's or
+    softmax's), backward one (two with the entropy's gradient)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, tokens, rows, want_entropy):
+        m = hidden.shape[0]
+        acc = torch.promote_types(weight.dtype, torch.float32)  # as_float's dtype
+        f32 = dict(dtype=acc, device=hidden.device)
+        logp, shift, lse = (torch.empty(m, **f32) for _ in range(3))
+        ent = torch.empty(m if want_entropy else 0, **f32)
+        for lo in range(0, m, rows):
+            sl = slice(lo, lo + rows)
+            # the same values as logprobs_from_logits / entropy_from_logits on these rows
+            z = torch.nn.functional.linear(hidden[sl], weight).to(acc)  # [c, V], a fresh tensor
+            shift[sl] = z.amax(dim=-1)
+            z.sub_(shift[sl, None])
+            lse[sl] = torch.logsumexp(z, dim=-1)
+            logp[sl] = z.gather(-1, tokens[sl, None]).squeeze(-1) - lse[sl]
+            if want_entropy:
+                ent[sl] = lse[sl] - torch.softmax(z, dim=-1).mul_(z).sum(-1)
+            del z
+        ctx.rows, ctx.want_entropy = rows, want_entropy
+        ctx.save_for_backward(hidden, weight, tokens, shift, lse, ent)
+        ctx.set_materialize_grads(False)
+        if not want_entropy:
+            ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, tokens, shift, lse, ent = ctx.saved_tensors
+        if not ctx.want_entropy:
+            g_ent = None
+        need_h, need_w = ctx.needs_input_grad[:2]
+        if (g_logp is None and g_ent is None) or not (need_h or need_w):
+            return None, None, None, None, None
+        grad_h = torch.empty_like(hidden) if need_h else None
+        # weight's gradient accumulates over chunks in float32 (or float64), cast once at the end
+        acc = lse.dtype
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        for lo in range(0, hidden.shape[0], ctx.rows):
+            sl = slice(lo, lo + ctx.rows)
+            h = hidden[sl]
+            # d logp[tok] / dz = onehot(tok) - p;  d entropy / dz = -p * (log p + entropy);
+            # so dz = -p * (g_logp + g_ent * (log p + entropy)) + onehot(tok) * g_logp
+            g = torch.nn.functional.linear(h, weight).to(acc)  # recomputed logits [c, V]
+            g.sub_(shift[sl, None]).sub_(lse[sl, None])         # log p, as in forward
+            if g_ent is None:
+                g.exp_().mul_(-g_logp[sl, None])
+            else:
+                p = g.exp()
+                g.add_(ent[sl, None]).mul_(g_ent[sl, None])
+                if g_logp is not None:
+                    g.add_(g_logp[sl, None])
+                g.mul_(p).neg_()
+                del p
+            if g_logp is not None:
+                g.scatter_add_(-1, tokens[sl, None], g_logp[sl, None])
+            g = g.to(weight.dtype)
+            if need_h:
+                grad_h[sl] = g @ weight
+            if need_w:
+                if g.dtype == acc:
+                    grad_w.addmm_(g.t(), h)
+                else:
+                    grad_w += g.t() @ h
+        if need_w:
+            grad_w = grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None, None

@@ -253,7 +253,8 @@ class DecoderLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 key_mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                return_hidden: bool = False, inputs_embeds: torch.Tensor | None = None):
+                return_hidden: bool = False, inputs_embeds: torch.Tensor | None = None,
+                logits: bool = True):
         """Next-token logits.
 
         Args:
@@ -271,10 +272,15 @@ class DecoderLM(nn.Module):
             return_hidden: also return the final (normed) hidden states.
             inputs_embeds: ``[B, T, H]`` used instead of ``embed_tokens(input_ids)`` (e.g. with
                 image embeddings scattered in); ``input_ids`` then only gives the shape.
+            logits: False skips ``lm_head`` and returns only the final (normed) hidden
+                states, for callers that apply the head themselves chunk by chunk
+                (``distflow.algos.logprobs_from_hidden``: the [B, T, V] logits of a large
+                vocabulary are never made).
 
         Returns:
-            ``logits [B, T, V]`` in the parameter dtype, or ``(logits, hidden [B, T, H])``.
-            Rows at padding queries are finite but meaningless.
+            ``logits [B, T, V]`` in the parameter dtype, or ``(logits, hidden [B, T, H])``,
+            or (``logits=False``) ``hidden [B, T, H]``. Rows at padding queries are finite
+            but meaningless.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
@@ -313,5 +319,7 @@ class DecoderLM(nn.Module):
         if cache is not None:
             cache.advance(t)
         h = self.norm(h)
-        logits = self.lm_head(h)
-        return (logits, h) if return_hidden else logits
+        if not logits:
+            return h
+        out = self.lm_head(h)
+        return (out, h) if return_hidden else out

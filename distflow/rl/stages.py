@@ -19,8 +19,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from distflow import Batch
-from distflow.algos import (entropy_from_logits, get_advantage, get_policy_loss,
-                            kl_divergence, logprobs_from_logits, value_loss)
+from distflow.algos import (entropy_from_logits, get_advantage, get_policy_loss, kl_divergence,
+                            logprobs_from_hidden, logprobs_from_logits, losses, value_loss)
 from distflow.engines.generation import left_pad
 from distflow.engines.sampling import SamplingParams
 from distflow.memory import MemoryConfig, MemoryPolicy, offload_module, onload_module
@@ -67,6 +67,53 @@ def response_outputs(model, batch: Batch, share_prefix: bool = True) -> torch.Te
 def response_logits(model, batch: Batch, share_prefix: bool = True) -> torch.Tensor:
     """Logits [N, R, V] (float32) that predict each response token."""
     return response_outputs(model, batch, share_prefix).float()
+
+
+class FinalHidden:
+    """A ``DecoderLM`` without its lm head: called like the model (as ``response_outputs``
+    and ``distflow.models.prefix`` call it), it returns the final (normed) hidden states
+    [B, T, H] instead of the logits [B, T, V]."""
+
+    def __init__(self, model):
+        self.model, self.config = model, model.config
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs, logits=False)
+
+
+def response_logprobs(model, batch: Batch, entropy: bool = False, share_prefix: bool = True,
+                      budget: int | None = None):
+    """Log-probs [N, R] (float32) of the response tokens under ``model``; with ``entropy``
+    also the entropy [N, R] of each position's distribution (a metric: no gradient).
+
+    When the float32 logits [N, R, V] fit in ``budget`` bytes (default
+    ``distflow.algos.losses.LOGITS_BUDGET``, read at each call; every small run) they are
+    made whole (``response_logits``) as always. Above it, and when the model's lm head is
+    a plain bias-free linear layer, the model stops at its final hidden states and
+    ``logprobs_from_hidden`` applies the head chunk by chunk (recomputed in backward), so
+    no more than a chunk's logits is ever held: the same values and gradients up to float
+    summation order.
+    """
+    budget = losses.LOGITS_BUDGET if budget is None else budget
+    dev = next(model.parameters()).device
+    tokens = batch["responses"].to(dev)
+    head = getattr(model, "lm_head", None)
+    chunkable = type(head) is torch.nn.Linear and head.bias is None
+    if not chunkable or tokens.numel() * head.out_features * 4 <= budget:
+        logits = response_logits(model, batch, share_prefix)
+        logp = logprobs_from_logits(logits, tokens)
+        if not entropy:
+            return logp
+        with torch.no_grad():
+            return logp, entropy_from_logits(logits)
+    hidden = response_outputs(FinalHidden(model), batch, share_prefix)
+    if not entropy:
+        return logprobs_from_hidden(hidden, head.weight, tokens, budget=budget)
+    logp, ent = logprobs_from_hidden(hidden, head.weight, tokens, entropy=True, budget=budget)
+    return logp, ent.detach()
 
 
 class _PhaseLocalModel:
@@ -333,8 +380,7 @@ class RefLogprobs(_PhaseLocalModel):
 
     def __call__(self, ctx, rollouts: Batch):
         with torch.inference_mode():  # copied out: the actor update uses these
-            logp = logprobs_from_logits(response_logits(self.model, rollouts), rollouts["responses"].to(
-                next(self.model.parameters()).device))
+            logp = response_logprobs(self.model, rollouts)
         return {"with_ref": rollouts.only(ref_logprobs=logp.cpu().clone())}
 
 
@@ -414,10 +460,9 @@ class ActorUpdate:
 
     def _loss(self, ctx, batch: Batch):
         p = ctx.params
-        logits = response_logits(self.actor.model, batch)
-        dev = logits.device
-        responses, mask = batch["responses"].to(dev), batch["response_mask"].to(dev).float()
-        logp = logprobs_from_logits(logits, responses)
+        logp, entropy = response_logprobs(self.actor.model, batch, entropy=True)
+        dev = logp.device
+        mask = batch["response_mask"].to(dev).float()
         n_tok = mask.sum()
         pg, stats = self.loss(logp, batch["old_logprobs"].to(dev), batch["advantages"].to(dev),
                               mask, clip_eps=p["clip_eps"])
@@ -425,7 +470,7 @@ class ActorUpdate:
         kl_sum = (kl * mask).sum()
         loss = pg * n_tok + (p["kl_coef"] * kl_sum if p["kl_loss"] else 0.0)
         with torch.no_grad():
-            ent = (entropy_from_logits(logits) * mask).sum()
+            ent = (entropy * mask).sum()
         tok = float(n_tok)
         return loss, {"pg_loss": float(pg.detach()) * tok, "kl": float(kl_sum.detach()), "entropy": float(ent),
                       "clipfrac": stats.get("clipfrac", 0.0) * tok, "tokens": tok}
