@@ -36,7 +36,7 @@ pipeline = Pipeline("grpo", [
     "dtype": "auto",  # float32 | bfloat16 (fp32 master weights) | auto: the checkpoint's
     "model": "tiny", "task": "reverse", "reward": "reverse", "reward_model": "",
     "prompts": 32, "group_size": 8, "max_prompt_len": 3, "max_new_tokens": 3,
-    "temperature": 1.0, "top_p": 1.0, "top_k": 0,
+    "temperature": 1.0, "top_p": 1.0, "top_k": 0, "gen_batch": 0,
     "advantage": "grpo", "policy_loss": "ppo_clip", "clip_eps": 0.2, "ppo_epochs": 1,
     "kl_loss": True, "kl_coef": 0.001, "kl_estimator": "low_var_kl",
     "lr": 3e-3, "weight_decay": 0.0, "grad_clip": 1.0, "micro_batch_tokens": 4096,

@@ -34,7 +34,7 @@ pipeline = Pipeline("ppo", [
     "dtype": "auto",  # float32 | bfloat16 (fp32 master weights) | auto: the checkpoint's
     "model": "tiny", "task": "reverse", "reward": "reverse", "reward_model": "",
     "prompts": 32, "group_size": 8, "max_prompt_len": 3, "max_new_tokens": 3,
-    "temperature": 1.0, "top_p": 1.0, "top_k": 0,
+    "temperature": 1.0, "top_p": 1.0, "top_k": 0, "gen_batch": 0,
     "advantage": "gae", "gamma": 1.0, "lam": 0.95, "policy_loss": "ppo_clip",
     "clip_eps": 0.2, "value_clip": 0.2, "ppo_epochs": 1,
     "kl_loss": False, "kl_coef": 0.01, "kl_estimator": "low_var_kl",

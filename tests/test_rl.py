@@ -149,3 +149,31 @@ def test_neural_reward_model_slot(tmp_path):
     with pytest.raises(FileNotFoundError, match="value_head.safetensors"):
         from distflow.rl.actors import load_reward_model
         load_reward_model(REPO, "cpu")
+
+
+def test_gen_batch_gives_each_sample_the_responses_of_one_batch(tmp_path):
+    """``gen_batch=B`` (continuous batching in the rollout stage): at most B rows decode at
+    once, yet every sample gets the tokens it gets when the whole step decodes together."""
+    from distflow.rl.stages import Prompts, Rollout
+    from distflow.runtime.context import StageContext
+
+    def rollouts(gen_batch):
+        params = _params(task="reverse_ragged", max_prompt_len=66, max_new_tokens=24, prompts=6,
+                         group_size=4, gen_batch=gen_batch)
+        ctx = StageContext(stage="gen", rank=0, world_size=1, group="rollout", ranks=(0,), dp_rank=0,
+                           dp_size=1, params=params, seed=3, out_dir=tmp_path, step=0, models={})
+        torch.manual_seed(0)
+        rollout = Rollout(ctx)
+        batch = rollout(ctx, Prompts(ctx)(ctx)["prompts"])["rollouts"]
+        return rollout.infer, batch
+
+    whole_engine, whole = rollouts(0)
+    cont_engine, cont = rollouts(5)
+    assert whole_engine.max_batch is None and cont_engine.max_batch == 5
+    assert cont_engine.cache.capacity == 5 and whole_engine.cache.capacity >= 24
+    assert len(set(whole["response_mask"].sum(1).tolist())) >= 3  # ragged: slots were refilled
+    assert torch.equal(cont["responses"], whole["responses"])
+    assert torch.equal(cont["response_mask"], whole["response_mask"])
+    assert torch.allclose(cont["old_logprobs"], whole["old_logprobs"], atol=1e-5)
+    with pytest.raises(ValueError, match="gen_batch=-1"):
+        check_rl_params(_params(gen_batch=-1))

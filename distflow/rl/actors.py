@@ -104,6 +104,12 @@ def save_model_files(ctx, engine: TrainEngine, directory: Path) -> None:
         write(path, engine.model.config, next(engine.model.parameters()).dtype, tokenizer(ctx))
 
 
+def _gen_batch(ctx) -> int | None:
+    """``gen_batch=B``: at most B rows decode at once; a finished row's slot goes to the next
+    prompt (continuous batching). 0 (the default): every row of the step at once."""
+    return int(ctx.params.get("gen_batch", 0)) or None
+
+
 def policy(ctx) -> DecoderLM:
     """This process's policy model, shared by generation and training when co-located."""
     return ctx.shared("policy", lambda: _initial_model(ctx))
@@ -112,7 +118,8 @@ def policy(ctx) -> DecoderLM:
 def policy_inference(ctx) -> InferenceEngine:
     """Generation on the shared policy (co-located: it sees every update at once)."""
     tok = tokenizer(ctx)
-    return ctx.shared("policy/inference", lambda: InferenceEngine(policy(ctx), tok.eos_id, tok.pad_id))
+    return ctx.shared("policy/inference", lambda: InferenceEngine(policy(ctx), tok.eos_id, tok.pad_id,
+                                                                   max_batch=_gen_batch(ctx)))
 
 
 def actor(ctx) -> Actor:
@@ -130,7 +137,8 @@ def policy_copy(ctx) -> InferenceEngine:
     optimizer state; its weights are refreshed by weight sync."""
     tok = tokenizer(ctx)
     return ctx.shared("policy/copy", lambda: InferenceEngine(
-        _initial_model(ctx).eval().requires_grad_(False), tok.eos_id, tok.pad_id))
+        _initial_model(ctx).eval().requires_grad_(False), tok.eos_id, tok.pad_id,
+        max_batch=_gen_batch(ctx)))
 
 
 def reference(ctx) -> DecoderLM:

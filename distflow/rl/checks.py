@@ -37,6 +37,8 @@ def check_rl_params(params: dict) -> None:
     elif task.max_prompt_len > params["max_prompt_len"]:
         raise ValueError(f"task {params['task']!r} has prompts of up to {task.max_prompt_len} "
                          f"tokens, over max_prompt_len={params['max_prompt_len']}")
+    if int(params.get("gen_batch", 0)) < 0:
+        raise ValueError(f"gen_batch={params['gen_batch']} must be >= 0 (0: every row at once)")
     context = params["max_prompt_len"] + params["max_new_tokens"]
     if context > cfg.max_position_embeddings:
         raise ValueError(f"max_prompt_len={params['max_prompt_len']} + max_new_tokens="
