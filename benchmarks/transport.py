@@ -51,6 +51,7 @@ import warnings
 from pathlib import Path
 
 from distflow.runtime.rendezvous import free_port
+from _common import main_of  # noqa: E402  (run as python benchmarks/transport.py)
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZES = [1 * KiB, 4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB]
@@ -483,7 +484,7 @@ def plot(sizes: list[int], results: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=lambda v: [parse_size(s) for s in v.split(",") if s],
                     help="comma-separated payload sizes, e.g. 4K,1M,64M (default: 1K..64M)")
@@ -500,16 +501,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS / "transport.json",
                     help="JSON path; the PNG goes next to it with suffix .png")
     args = ap.parse_args(argv)
+    args.command = " ".join(["python", "benchmarks/transport.py", *(sys.argv[1:] if argv is None else argv)])
+    return args
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Every transport at every size; the JSON document (results, ratios, machine, method)."""
     if args.tcp:
         os.environ["DISTFLOW_BENCH_TCP"] = "1"  # read by the spawned workers
     from distflow.transport.peer import local_id
     endpoint_kind = "tcp" if args.tcp or not local_id() else "ipc (abstract Unix socket)"
     sizes = sorted(set(args.sizes or (QUICK_SIZES if args.quick else SIZES)))
     repeats = args.repeats or (1 if args.quick else 5)
-    command = " ".join(["python", "benchmarks/transport.py", *(sys.argv[1:] if argv is None else argv)])
     when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     info = machine()
-    print(f"{when}  {info['nproc']} CPU ({info['cpu']})  loopback  {command}", flush=True)
+    print(f"{when}  {info['nproc']} CPU ({info['cpu']})  loopback  {args.command}", flush=True)
 
     load_before = os.getloadavg()
     t0 = time.perf_counter()
@@ -530,8 +536,8 @@ def main(argv: list[str] | None = None) -> int:
             for other in ("distflow", "gloo"):
                 b, p = throughput_ratios(results, s, other, "curve")
                 ratios[str(s)].update({f"curve/{other}": b, f"curve/{other}_paired_median": p})
-    doc = {
-        "benchmark": "transport", "date": when, "command": command, "elapsed_s": round(elapsed, 1),
+    return {
+        "benchmark": "transport", "date": when, "command": args.command, "elapsed_s": round(elapsed, 1),
         "machine": {**info, "network": "loopback 127.0.0.1"},
         "zmq_endpoints": endpoint_kind, "gloo_endpoints": "tcp",
         "versions": {"torch": torch.__version__, "pyzmq": zmq.__version__,
@@ -548,17 +554,23 @@ def main(argv: list[str] | None = None) -> int:
         },
         "sizes": sizes, "results": results, "ratios": ratios,
     }
+
+
+def report(doc: dict, args: argparse.Namespace) -> None:
+    """The JSON, the plot next to it, and the table on stdout."""
+    sizes, results, info = doc["sizes"], doc["results"], doc["machine"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
     png = args.out.with_suffix(".png")
     plot(sizes, results, png, f"distflow data plane vs raw pyzmq vs gloo, 2 processes on loopback; "
-                              f"{info['nproc']} CPU {info['cpu']}; {when}")
+                              f"{info['nproc']} CPU {info['cpu']}; {doc['date']}")
     print()
     print(table(sizes, results))
-    print(f"\n{elapsed:.0f} s (1-min load average {info['loadavg_1min_before_after'][0]} before, "
+    print(f"\n{doc['elapsed_s']:.0f} s (1-min load average {info['loadavg_1min_before_after'][0]} before, "
           f"{info['loadavg_1min_before_after'][1]} after); wrote {args.out} and {png}")
-    return 0
 
+
+main = main_of(parse, measure, report)
 
 if __name__ == "__main__":
     sys.exit(main())
