@@ -5,7 +5,12 @@ Two parts, each a set of ``torchrun --standalone`` runs on this machine:
 ``--part real``: the real model on the real (generated) digit data, 4 workers,
 ``placement=monolithic`` vs ``placement=disaggregated`` (preprocess 1, encoder 1, llm 2,
 ``reorder=both``), same seed and steps: samples/s from the wall clock between the
-metrics lines of the measured steps, the loss curve and the held-out exact match.
+metrics lines of the measured steps, the loss curve and the held-out exact match with
+the wall clock (from the torchrun launch) at which each evaluation came out. Defaults:
+the full data set (1-8 images per sample, ``--max-images 8``, all four questions),
+``batch=32 microbatches=4 lr=1e-3``, the first 200 steps on one image per sample
+(``--align-steps``, stage-1 alignment), 1500 steps, evaluation on 256 held-out samples
+every 100 steps.
 
 ``--part emulated``: the same pipeline with ``emulate=true``: real processes, real
 streams over the data plane (tensors of the small model's shapes), but every compute
@@ -176,8 +181,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--time-scale", type=float, default=0.2)
-    ap.add_argument("--real-steps", type=int, default=900)
-    ap.add_argument("--max-images", type=int, default=4, help="--part real: images per sample, 1-N")
+    ap.add_argument("--real-steps", type=int, default=1500)
+    ap.add_argument("--max-images", type=int, default=8, help="--part real: images per sample, 1-N")
     ap.add_argument("--align-steps", type=int, default=200,
                     help="--part real: first steps on one image per sample (stage-1 alignment)")
     ap.add_argument("--lr", type=float, default=1e-3, help="--part real")
