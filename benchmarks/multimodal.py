@@ -5,7 +5,12 @@ Two parts, each a set of ``torchrun --standalone`` runs on this machine:
 ``--part real``: the real model on the real (generated) digit data, 4 workers,
 ``placement=monolithic`` vs ``placement=disaggregated`` (preprocess 1, encoder 1, llm 2,
 ``reorder=both``), same seed and steps: samples/s from the wall clock between the
-metrics lines of the measured steps, the loss curve and the held-out exact match.
+metrics lines of the measured steps, the loss curve and the held-out exact match with
+the wall clock (from the torchrun launch) at which each evaluation came out. Defaults:
+the full data set (1-8 images per sample, ``--max-images 8``, all four questions),
+``batch=32 microbatches=4 lr=1e-3``, the first 200 steps on one image per sample
+(``--align-steps``, stage-1 alignment), 1500 steps, evaluation on 256 held-out samples
+every 100 steps.
 
 ``--part emulated``: the same pipeline with ``emulate=true``: real processes, real
 streams over the data plane (tensors of the small model's shapes), but every compute
@@ -88,6 +93,7 @@ def run(nproc: int, overrides: list[str], run_dir: Path, warmup: int, timeout: f
     batch = int(rows[0]["count/samples"])
     span = a[-1] - a[warmup - 1]
     return {"nproc": nproc, "overrides": overrides, "rows": rows, "batch": batch,
+            "since_start_s": [t - t0 for t in a],
             "samples_per_s": batch * (steps - warmup) / span, "period_s": span / (steps - warmup),
             "run_wall_s": wall, "loadavg_1m_before": load, "loadavg_1m_after": os.getloadavg()[0],
             "command": " ".join(["torchrun", "--standalone", f"--nproc_per_node={nproc}", "-m",
@@ -95,19 +101,26 @@ def run(nproc: int, overrides: list[str], run_dir: Path, warmup: int, timeout: f
 
 
 def part_real(args, tmp: Path) -> dict:
-    common = [f"steps={args.real_steps}", "batch=32", "microbatches=4", "eval_every=50",
-              "eval_samples=256", "seed=0"]
+    common = [f"steps={args.real_steps}", "batch=32", "microbatches=4", f"eval_every={args.eval_every}",
+              "eval_samples=256", "seed=0", f"max_images={args.max_images}",
+              f"align_steps={args.align_steps}", f"lr={args.lr}"]
     out = {}
     for name, extra in (("monolithic", ["placement=monolithic"]),
                         ("disaggregated", ["placement=disaggregated", "groups.preprocess=1",
                                            "groups.encoder=1", "groups.llm=2", "reorder=both"])):
         r = run(4, common + extra, tmp / name, warmup=5, timeout=args.timeout)
-        rows = r.pop("rows")
+        rows, since = r.pop("rows"), r.pop("since_start_s")
         r["loss"] = [x["loss"] for x in rows]
         r["eval_exact_match"] = {x["step"]: x["eval/exact_match"] for x in rows if "eval/exact_match" in x}
+        # wall clock from the torchrun launch to the metrics line of each eval step
+        r["eval_at_s"] = {x["step"]: round(t, 1) for x, t in zip(rows, since) if "eval/exact_match" in x}
+        hit = [s for s, v in r["eval_exact_match"].items() if v >= 0.9]
+        r["first_eval_at_90pct"] = {"step": hit[0], "s": r["eval_at_s"][hit[0]]} if hit else None
         out[name] = r
-        print(f"real {name}: {r['samples_per_s']:.1f} samples/s, loss {r['loss'][0]:.3f} -> "
-              f"{statistics.mean(r['loss'][-10:]):.3f}, exact match {r['eval_exact_match']}", flush=True)
+        print(f"real {name}: {r['samples_per_s']:.1f} samples/s, wall {r['run_wall_s']:.0f} s, loss "
+              f"{r['loss'][0]:.3f} -> {statistics.mean(r['loss'][-10:]):.3f}, exact match (step: value @ s) "
+              + ", ".join(f"{k}: {v:.3f} @ {r['eval_at_s'][k]:.0f}" for k, v in r["eval_exact_match"].items())
+              + f"; first >= 90%: {r['first_eval_at_90pct']}", flush=True)
     return out
 
 
@@ -118,7 +131,7 @@ def part_emulated(args, tmp: Path) -> list[dict]:
         pre = max(1, n // 16)
         scaled = [f"{k}={v * args.time_scale if k.startswith('cost') else v}" for k, v in COST.items()]
         common = ["emulate=true", f"steps={args.warmup + args.steps}", f"batch={args.per_gpu * n * args.microbatches}",
-                  f"microbatches={args.microbatches}", "eval_every=0", "seed=0", *scaled,
+                  f"microbatches={args.microbatches}", "eval_every=0", "align_steps=0", "seed=0", *scaled,
                   f"transport.peer_timeout_s={args.peer_timeout}"]
         layouts = [("monolithic", "none", n, ["placement=monolithic"])]
         for reorder in ("none", "intra", "both"):
@@ -168,7 +181,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--time-scale", type=float, default=0.2)
-    ap.add_argument("--real-steps", type=int, default=150)
+    ap.add_argument("--real-steps", type=int, default=1500)
+    ap.add_argument("--max-images", type=int, default=8, help="--part real: images per sample, 1-N")
+    ap.add_argument("--align-steps", type=int, default=200,
+                    help="--part real: first steps on one image per sample (stage-1 alignment)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="--part real")
+    ap.add_argument("--eval-every", type=int, default=100, help="--part real")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--peer-timeout", type=float, default=10,
                     help="transport.peer_timeout_s; 64 processes on 2 cores starve heartbeats at 10 s")

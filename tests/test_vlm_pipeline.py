@@ -8,7 +8,8 @@ import pytest
 from tests.harness import REPO, torchrun
 
 PIPELINE = REPO / "pipelines" / "vlm.py"
-SMALL = ["steps=10", "batch=8", "microbatches=3", "eval_every=5", "eval_samples=12", "seed=3"]
+SMALL = ["steps=10", "batch=8", "microbatches=3", "eval_every=5", "eval_samples=12", "seed=3",
+         "align_steps=3"]  # steps 0-2 on one image per sample, 3-9 on 1-8
 
 
 def _run(tmp_path, name, nproc, *extra):
