@@ -275,3 +275,33 @@ def test_continuous_batching_gives_each_row_what_one_batch_gives(max_batch):
     a = InferenceEngine(model, eos, PAD).generate(prompts, sampled, row_seeds=seeds)
     b = eng.generate(prompts, sampled, row_seeds=seeds)
     assert torch.equal(a.responses, b.responses) and torch.equal(a.response_mask, b.response_mask)
+
+
+def test_prefill_in_length_groups_matches_one_padded_prefill(monkeypatch):
+    """Prompts of 2-96 tokens: the prefill runs in groups of similar length (each padded only
+    to its own longest), and every row's tokens and log-probs are those of one padded
+    prefill, greedy and sampled per row seed."""
+    from distflow.engines import generation
+
+    model = _model(1)
+    model.reset_parameters(std=0.5)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 32, (int(n),), generator=g).tolist()
+               for n in torch.randint(2, 97, (64,), generator=g)]
+    groups = generation.prefill_groups([len(q) for q in prompts], max(map(len, prompts)))
+    assert groups is not None and len(groups) == generation.PREFILL_GROUPS
+    assert sorted(torch.cat([rows for rows, _ in groups]).tolist()) == list(range(64))
+    assert all(width == max(len(prompts[i]) for i in rows.tolist()) for rows, width in groups)
+    seeds = torch.arange(100, 164)
+    eos = _ragged_eos(model, prompts, 10)
+    runs = {}
+    for grouped in (True, False):
+        monkeypatch.setattr(generation, "PREFILL_MIN_POSITIONS", 4096 if grouped else 10 ** 9)
+        eng = InferenceEngine(model, eos, PAD)
+        runs[grouped] = [eng.generate(prompts, SamplingParams(temperature=t, max_new_tokens=10),
+                                      row_seeds=seeds) for t in (0, 1.0)]
+    for a, b in zip(runs[True], runs[False]):
+        assert torch.equal(a.responses, b.responses) and torch.equal(a.lengths, b.lengths)
+        assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
+    assert len(set(runs[True][0].lengths.tolist())) >= 3  # ragged: rows left the batch
+    assert generation.prefill_groups([5] * 64, 5) is None  # nothing to save: one forward

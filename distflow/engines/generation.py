@@ -43,6 +43,28 @@ def left_pad(prompts: list[list[int]], pad_id: int,
     return tokens, mask
 
 
+PREFILL_GROUPS = 4
+"""At most this many prompt-length groups in one prefill (``prefill_groups``)."""
+PREFILL_MIN_POSITIONS = 4096
+"""Below this many padded prompt positions one padded forward is cheaper than several."""
+
+
+def prefill_groups(lengths: list[int], width: int) -> list[tuple[torch.Tensor, int]] | None:
+    """Rows split into up to ``PREFILL_GROUPS`` groups of similar prompt length (sorted,
+    equal counts), each with the longest length in it: ``[(rows, longest), ...]``; or
+    ``None`` where one forward over all rows padded to ``width`` is the better deal (fewer
+    than ``PREFILL_MIN_POSITIONS`` positions, or grouping saves under a fifth of them)."""
+    n = len(lengths)
+    if n < 2 or n * width < PREFILL_MIN_POSITIONS:
+        return None
+    order = sorted(range(n), key=lengths.__getitem__)
+    size = -(-n // PREFILL_GROUPS)
+    groups = [order[i:i + size] for i in range(0, n, size)]
+    if sum(len(g) * lengths[g[-1]] for g in groups) > 0.8 * n * width:
+        return None
+    return [(torch.tensor(g, dtype=torch.int64), lengths[g[-1]]) for g in groups]
+
+
 class InferenceEngine:
     """Generates with a ``DecoderLM`` (its KV cache) on the model's device.
 
@@ -142,12 +164,12 @@ class InferenceEngine:
         shared = shared_prefixes(tokens, mask)
         if shared is None:
             cache.start(n)
-            logits = self.model(tokens_dev, positions, key_mask[:, :p], cache)[:, -1]
+            logits = self._prefill(tokens_dev, positions, key_mask[:, :p], cache)
         else:  # prefill each distinct prompt once, then give every row its prompt's cache
             first, inverse = (t.to(dev) for t in shared)
             cache.start(len(first))
-            logits = self.model(tokens_dev[first], positions[first], key_mask[first, :p],
-                                cache)[:, -1].index_select(0, inverse)
+            logits = self._prefill(tokens_dev[first], positions[first], key_mask[first, :p],
+                                   cache).index_select(0, inverse)
             cache.select(inverse)
         next_pos = positions[:, -1] + 1
         responses = torch.full((n, max_new), self.pad_id, dtype=torch.int64, device=dev)
@@ -205,6 +227,38 @@ class InferenceEngine:
         lengths = lengths.cpu()
         response_mask = torch.arange(steps)[None, :] < lengths[:, None]
         return Generation(tokens, mask, responses, response_mask, logps[:, :steps].cpu(), lengths)
+
+    def _prefill(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                 cache) -> torch.Tensor:
+        """Logits [n, V] at each prompt's last slot; keys and values written at ``[0, P)`` of
+        the cache's ``n`` rows (left-padded ``tokens``/``positions``/``mask`` [n, P]).
+
+        Prompts of very different lengths are run in a few groups of similar length, each
+        padded only to its own longest (``prefill_groups``), their keys and values copied
+        right-aligned into the cache; the columns left of a group stay masked. At batch 256
+        of 16-64-token prompts this computes 0.72x the positions of one padded forward."""
+        from distflow.models import KVCache
+
+        n, p = tokens.shape
+        groups = prefill_groups(mask.sum(1).tolist(), p)
+        if groups is None:
+            return self.model(tokens, positions, mask, cache)[:, -1]
+        scratch = KVCache.allocate(self.model.config, max(len(rows) for rows, _ in groups), p,
+                                   cache.keys[0].dtype, tokens.device)
+        logits = None
+        for rows, width in groups:
+            rows = rows.to(tokens.device)
+            scratch.start(len(rows))
+            cols = slice(p - width, p)
+            out = self.model(tokens[rows, cols], positions[rows, cols], mask[rows, cols], scratch)[:, -1]
+            if logits is None:
+                logits = out.new_empty((n, out.shape[-1]))
+            logits[rows] = out
+            for dst, src in ((cache.keys, scratch.keys), (cache.values, scratch.values)):
+                for d, s_ in zip(dst, src):
+                    d[rows, :, cols] = s_[:, :, :width]
+        cache.length = p
+        return logits
 
     def _generate_continuous(self, tokens, mask, params, generator, row_seeds) -> Generation:
         """``_generate`` for more prompts than ``max_batch``: rows decode in one batch of at
