@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import shutil
 import statistics
@@ -127,7 +128,7 @@ def part_real(args, tmp: Path) -> dict:
 def part_emulated(args, tmp: Path) -> list[dict]:
     results = []
     for n in [int(x) for x in args.workers.split(",")]:
-        enc = max(1, round(0.075 * n))
+        enc = max(1, math.ceil(args.encoder_share * n - 1e-9))  # never fewer ranks than the encoder's share of the work
         pre = max(1, n // 16)
         scaled = [f"{k}={v * args.time_scale if k.startswith('cost') else v}" for k, v in COST.items()]
         common = ["emulate=true", f"steps={args.warmup + args.steps}", f"batch={args.per_gpu * n * args.microbatches}",
@@ -188,6 +189,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3, help="--part real")
     ap.add_argument("--eval-every", type=int, default=100, help="--part real")
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--encoder-share", type=float, default=0.075,
+                    help="GPU workers given to the encoder group, as a share (rounded up; default 0.075: the encoder is ~7%% of the compute)")
     ap.add_argument("--peer-timeout", type=float, default=10,
                     help="transport.peer_timeout_s; 64 processes on 2 cores starve heartbeats at 10 s")
     ap.add_argument("--out", type=Path, default=RESULTS)
