@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -64,6 +65,22 @@ def spawn(pipeline: str | Path, nproc: int, out: Path, *overrides: str) -> list[
             [sys.executable, "-m", "distflow.run", str(pipeline), f"out={out}", *overrides],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float) -> dict[int, float]:
+    """When (``time.monotonic()``) each process exited, by index, waiting up to ``timeout``
+    seconds for all of them; any still running after that is killed (and absent)."""
+    deadline = time.monotonic() + timeout
+    exits = {}
+    while len(exits) < len(procs) and time.monotonic() < deadline:
+        for i, p in enumerate(procs):
+            if i not in exits and p.poll() is not None:
+                exits[i] = time.monotonic()
+        time.sleep(0.05)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    return exits
 
 
 def reference(pipeline_path: str | Path, steps: int, out: Path, **params) -> None:

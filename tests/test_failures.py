@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from harness import PIPELINES, spawn
+from harness import PIPELINES, spawn, wait_all
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 PEER_TIMEOUT = 2.0
@@ -18,26 +18,12 @@ PEER_TIMEOUT = 2.0
 BOUND = PEER_TIMEOUT + 10.0
 
 
-def _wait_all(procs, timeout):
-    deadline = time.monotonic() + timeout
-    exits = {}
-    while len(exits) < len(procs) and time.monotonic() < deadline:
-        for i, p in enumerate(procs):
-            if i not in exits and p.poll() is not None:
-                exits[i] = time.monotonic()
-        time.sleep(0.05)
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-    return exits
-
-
 def test_killed_worker_fails_every_survivor_in_bounded_time_naming_it(tmp_path):
     procs = spawn(PIPELINES / "linear.py", 3, tmp_path, "steps=50", "delay_s=0.05",
                   "placement=split", "groups.a=1", "groups.b=2", "fault.rank=2",
                   "fault.step=3", "fault.mode=kill",
                   f"transport.peer_timeout_s={PEER_TIMEOUT}", "transport.heartbeat_s=0.2")
-    exits = _wait_all(procs, 90)
+    exits = wait_all(procs, 90)
     assert set(exits) == {0, 1, 2}, "a survivor hung"
     assert procs[2].returncode == -9
     for r in (0, 1):
@@ -54,7 +40,7 @@ def test_raising_stage_stops_all_ranks_with_its_reason(tmp_path):
                   "placement=split", "groups.a=1", "groups.b=2", "fault.rank=1",
                   "fault.step=2", "fault.stage=tokens", "fault.mode=raise",
                   f"transport.peer_timeout_s={PEER_TIMEOUT}", "transport.heartbeat_s=0.2")
-    exits = _wait_all(procs, 90)
+    exits = wait_all(procs, 90)
     assert set(exits) == {0, 1, 2}
     errs = [p.stderr.read() for p in procs]
     assert all(p.returncode == 1 for p in procs), [p.returncode for p in procs]

@@ -23,7 +23,7 @@ from distflow.config import ConfigError, RunConfig
 from distflow.engines.training import OptimConfig, TrainEngine
 from distflow.runtime.metrics import read_metrics
 from distflow.runtime.worker import StageError, _check_finite, resume_requested
-from harness import PIPELINES, REPO, _env, free_port, spawn
+from harness import PIPELINES, REPO, _env, free_port, spawn, wait_all
 
 PEER_TIMEOUT = 2.0
 BOUND = PEER_TIMEOUT + 10.0  # detection <= timeout + a beat; the rest is slack for 2 loaded cores
@@ -139,20 +139,6 @@ def test_root_cause_of_a_signal_death_comes_from_torchruns_report(tmp_path):
 
 
 # -- real processes ---------------------------------------------------------------------------
-def _wait_all(procs, timeout):
-    deadline = time.monotonic() + timeout
-    exits = {}
-    while len(exits) < len(procs) and time.monotonic() < deadline:
-        for i, p in enumerate(procs):
-            if i not in exits and p.poll() is not None:
-                exits[i] = time.monotonic()
-        time.sleep(0.05)
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-    return exits
-
-
 def _wait_for(path, timeout=60):
     deadline = time.monotonic() + timeout
     while not path.exists() and time.monotonic() < deadline:
@@ -164,11 +150,17 @@ SPLIT3 = ["placement=split", "groups.a=1", "groups.b=2", f"transport.peer_timeou
           "transport.heartbeat_s=0.2", "delay_s=0.05", "steps=400"]
 
 
+def _start_split3(out):
+    """3 spawned ranks of the linear pipeline (1 + 2 split), once their step 3 is done."""
+    procs = spawn(PIPELINES / "linear.py", 3, out, *SPLIT3)
+    assert _wait_for(out / "sink_step3_rank0.safetensors"), "the run did not start"
+    return procs
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_sigusr1_dumps_stacks_and_a_stopped_rank_is_named_within_the_peer_timeout(tmp_path):
-    procs = spawn(PIPELINES / "linear.py", 3, tmp_path, *SPLIT3)
-    assert _wait_for(tmp_path / "sink_step3_rank0.safetensors"), "the run did not start"
+    procs = _start_split3(tmp_path)
     procs[1].send_signal(signal.SIGUSR1)
     assert _wait_for(tmp_path / "errors" / "rank1.stack", 10)
     time.sleep(0.5)
@@ -177,7 +169,7 @@ def test_sigusr1_dumps_stacks_and_a_stopped_rank_is_named_within_the_peer_timeou
     assert "SIGUSR1" in stack and "distflow/runtime/worker.py" in stack and "in run_step" in stack
     procs[2].send_signal(signal.SIGSTOP)  # hung: alive, connected, silent
     stopped = time.monotonic()
-    exits = _wait_all(procs[:2], 60)
+    exits = wait_all(procs[:2], 60)
     procs[2].kill()
     procs[2].wait()
     for r in (0, 1):
@@ -192,11 +184,10 @@ def test_sigusr1_dumps_stacks_and_a_stopped_rank_is_named_within_the_peer_timeou
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_sigterm_goes_through_the_failure_path_and_peers_name_it(tmp_path):
-    procs = spawn(PIPELINES / "linear.py", 3, tmp_path, *SPLIT3)
-    assert _wait_for(tmp_path / "sink_step3_rank0.safetensors"), "the run did not start"
+    procs = _start_split3(tmp_path)
     procs[2].send_signal(signal.SIGTERM)
     sent = time.monotonic()
-    exits = _wait_all(procs, 60)
+    exits = wait_all(procs, 60)
     errs = [p.stderr.read() for p in procs]
     assert [p.returncode for p in procs] == [1, 1, 1], errs
     assert "distflow: rank 2 stage" in errs[2] and "failed: terminated by SIGTERM" in errs[2]

@@ -48,26 +48,11 @@ def test_cuda_greedy_generation_equals_the_cpu_one():
     assert torch.allclose(cpu.logprobs, gpu.logprobs, atol=1e-4)
 
 
-def _logp_and_grads(model, batch, share):
-    from distflow.algos import logprobs_from_logits
-    from distflow.rl.stages import response_logits
-    model.zero_grad()
-    logits = response_logits(model, batch, share)
-    logp = logprobs_from_logits(logits, batch["responses"].to(logits.device))
-    adv = torch.linspace(-1, 1, logp.numel(), device=logp.device).reshape(logp.shape)
-    ((logp * adv + logp.exp()) * batch["response_mask"].to(logp.device)).sum().backward()
-    return logp.detach().cpu(), {n: p.grad.cpu() for n, p in model.named_parameters()}
-
-
 @cuda
 def test_cuda_packed_scoring_equals_the_padded_forward():
-    from test_prefix import _grpo_batch
+    from test_prefix import _assert_same, _grpo_batch, _logp_and_grads
     model = _model(3).train().cuda()
     batch = _grpo_batch(3, prompts=4, group=6, p=5, r=24)
     lp0, g0 = _logp_and_grads(model, batch, share=False)
     lp1, g1 = _logp_and_grads(model, batch, share=True)
-    m = batch["response_mask"]
-    assert torch.allclose(lp0[m], lp1[m], atol=1e-4)
-    for name in g0:
-        scale = g0[name].abs().max().clamp(min=1e-3)
-        assert torch.allclose(g0[name] / scale, g1[name] / scale, atol=1e-4), name
+    _assert_same(batch, lp0, g0, lp1, g1, atol=1e-4)

@@ -112,6 +112,15 @@ def _shared_vs_plain(model, b, packed):
         assert torch.allclose(g0[name] / scale, g1[name] / scale, atol=1e-5), name
 
 
+def _assert_same(batch, lp0, g0, lp1, g1, atol):
+    """Log-probs equal on the response tokens, every gradient equal relative to its scale."""
+    m = batch["response_mask"]
+    assert torch.allclose(lp0[m], lp1[m], atol=atol)
+    for name in g0:
+        scale = g0[name].abs().max().clamp(min=1e-3)
+        assert torch.allclose(g0[name] / scale, g1[name] / scale, atol=atol), name
+
+
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_forward_shared_equals_the_plain_forward(shuffle, packed):
@@ -146,11 +155,14 @@ def test_forward_shared_with_a_prompt_drawn_twice(packed):
 
 
 def _logp_and_grads(model, batch, share):
+    """Log-probs of a policy-gradient-like loss and every parameter's gradient (on the CPU,
+    wherever the model is)."""
     model.zero_grad()
-    logp = logprobs_from_logits(response_logits(model, batch, share), batch["responses"])
-    adv = torch.linspace(-1, 1, logp.numel()).reshape(logp.shape)
-    ((logp * adv + logp.exp()) * batch["response_mask"]).sum().backward()
-    return logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    logits = response_logits(model, batch, share)
+    logp = logprobs_from_logits(logits, batch["responses"].to(logits.device))
+    adv = torch.linspace(-1, 1, logp.numel(), device=logp.device).reshape(logp.shape)
+    ((logp * adv + logp.exp()) * batch["response_mask"].to(logp.device)).sum().backward()
+    return logp.detach().cpu(), {n: p.grad.detach().cpu().clone() for n, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
@@ -160,11 +172,7 @@ def test_shared_prompt_logprobs_and_gradients_equal_unshared(shuffle, r):
     batch = _grpo_batch(2, r=r, shuffle=shuffle)
     lp0, g0 = _logp_and_grads(model, batch, share=False)
     lp1, g1 = _logp_and_grads(model, batch, share=True)
-    m = batch["response_mask"]
-    assert torch.allclose(lp0[m], lp1[m], atol=1e-5)
-    for name in g0:
-        scale = g0[name].abs().max().clamp(min=1e-3)
-        assert torch.allclose(g0[name] / scale, g1[name] / scale, atol=1e-5), name
+    _assert_same(batch, lp0, g0, lp1, g1, atol=1e-5)
 
 
 def test_shared_prompt_critic_values_equal_unshared():
@@ -295,11 +303,7 @@ def test_ragged_packing_computes_real_tokens_only():
     assert len(seen) == 1 and seen[0][0] == 4  # one pass, one row per prompt
     assert seen[0][0] * seen[0][1] < 1.4 * real < 24 * len(batch)
     lp0, g0 = _logp_and_grads(model, batch, share=False)
-    m = batch["response_mask"]
-    assert torch.allclose(lp0[m], lp1[m], atol=1e-5)
-    for name in g0:
-        scale = g0[name].abs().max().clamp(min=1e-3)
-        assert torch.allclose(g0[name] / scale, g1[name] / scale, atol=1e-5), name
+    _assert_same(batch, lp0, g0, lp1, g1, atol=1e-5)
 
 
 def test_distinct_prompts_pack_several_rows_per_row():
@@ -313,8 +317,4 @@ def test_distinct_prompts_pack_several_rows_per_row():
     hook.remove()
     assert len(seen) == 1 and seen[0][0] < 12, seen
     lp0, g0 = _logp_and_grads(model, batch, share=False)
-    m = batch["response_mask"]
-    assert torch.allclose(lp0[m], lp1[m], atol=1e-5)
-    for name in g0:
-        scale = g0[name].abs().max().clamp(min=1e-3)
-        assert torch.allclose(g0[name] / scale, g1[name] / scale, atol=1e-5), name
+    _assert_same(batch, lp0, g0, lp1, g1, atol=1e-5)
