@@ -14,7 +14,9 @@ every 100 steps.
 
 ``--part emulated``: the same pipeline with ``emulate=true``: real processes, real
 streams over the data plane (tensors of the small model's shapes), but every compute
-block is a timed wait from a cost model of a real configuration:
+block is a timed wait from a cost model of a real configuration (``--model``):
+
+``--model 7b`` (a worker is one H100; the LLM fits data parallel, ``pp=1``):
 
 - encoder ViT-H/14 (632M params) at up to 336 px, LLM a 7B decoder (LLaVA-1.5 layout: the
   LLM sees every ViT token), one H100 SXM per GPU worker at 400 TFLOP/s achieved in bf16
@@ -26,26 +28,46 @@ block is a timed wait from a cost model of a real configuration:
 - LLM forward + backward: 6 x 6.7B FLOPs per token / 400 TFLOP/s = 0.1 ms per token
   (``cost_llm=1e-4``); a text token of ours stands for 8 real ones (``text_scale=8``:
   prompts and answers of 100-350 tokens);
-- gradient sums: a one-element sum per group and step (the synchronization point; its
-  cost, the same in both layouts, is not modelled);
-- preprocessing: 2 ms per image (decode + resize of a 336 px JPEG), inline on every GPU
-  worker in the monolithic layout, on CPU workers of their own (``groups.preprocess``,
-  one per 16 GPU workers, counted apart from the GPU workers) in the disaggregated one;
-- every duration is multiplied by ``--time-scale`` (default 0.2) so a run takes seconds;
-  ratios do not depend on it.
+- monolithic = data parallel (a 7B model with a distributed optimizer fits one H100, so
+  data parallelism is Megatron's best layout here); disaggregated: encoder group
+  ``--encoder-share`` (default 0.075) of the GPU workers, rounded up.
+
+``--model 76b`` (an InternVL2-Llama3-76B-like model; a worker is one 8-GPU H100 node running
+the tensor-parallel group, 8 x 400 TFLOP/s; the LLM is pipelined, ``pp=4``):
+
+- encoder InternViT-6B (5.9B params), 448 px tiles of 1025 ViT tokens, pixel-shuffled to
+  256 LLM tokens each; an image of our data with 1/4/9 patches stands for 1/4/9 tiles
+  (InternVL's dynamic tiling uses 1-12): ``llm_tokens_per_patch=256``;
+- ViT forward: 2 x 5.9B x 1025 / 3.2 PFLOP/s = 3.8 ms per tile (``cost_enc=3.8e-3``);
+- LLM Llama3-70B (70.6B) forward + backward: 6 x 70.6B / 3.2 PFLOP/s = 0.132 ms per token
+  (``cost_llm=1.32e-4``), ``text_scale=8``; the encoder is ~25% of a sample's compute;
+- monolithic = Megatron-LM's layout: pipelines of 4 stages (80 layers, 20 per stage),
+  the encoder and the inline preprocessing in the first stage, data parallel over the
+  pipelines; disaggregated: the same 4-stage LLM pipelines without the encoder, and an
+  encoder group of ``--encoder-share`` (default 0.25) of the GPU workers, rounded so the
+  LLM group is a whole number of pipelines (16 workers: 4 encoder + 3 pipelines).
+
+Both: every duration is multiplied by ``--time-scale`` so a run takes seconds (ratios do
+not depend on it); preprocessing 2 ms per image (decode + resize of a JPEG), inline on
+the GPU workers in the monolithic layout, on CPU workers of their own
+(``groups.preprocess``, one per 16 GPU workers, counted apart from the GPU workers) in the
+disaggregated one; gradient sums are a one-element sum per group and step (the
+synchronization point; their cost, the same in both layouts, is not modelled); the LLM
+pipeline's stages run Megatron's 1F1B schedule, a forward taking 1/3 and a backward 2/3 of
+a stage's share.
 
 Calibration: these are FLOP counts at an assumed utilization, not measurements on an
-H100 (none is reachable from here); the encoder is 7% of a sample's compute, which with
-the image-count spread of the data decides the group sizes (``groups.encoder`` about
-7.5% of the GPU workers). Not modelled: tensor/pipeline parallelism inside the LLM,
-the gradient all-reduce (the same in both layouts) and the network.
+H100 (none is reachable from here); attention FLOPs, tensor-parallel communication, the
+gradient all-reduce and the network are not modelled. The encoder share of the compute
+and the image-count spread of the data decide the group sizes.
 
 Per emulated run: samples/s (wall clock over the measured steps) and bubble time: the
 idle time of the GPU workers, sum over encoder and LLM ranks of (step period - busy time),
-from ``util/<group>`` (busy / period, averaged over the group) and the step period.
+from ``busy_s/<group>`` (busy time per step, averaged over the group) and the step period.
 
     python benchmarks/multimodal.py --part real
-    python benchmarks/multimodal.py --part emulated --workers 16,64
+    python benchmarks/multimodal.py --part emulated --workers 16,64                  # --model 7b
+    python benchmarks/multimodal.py --part emulated --model 76b --workers 16,64
 """
 from __future__ import annotations
 
@@ -68,8 +90,24 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PIPELINE = REPO / "pipelines" / "vlm.py"
 RESULTS = HERE / "results"
-COST = {"cost_pre": 2e-3, "cost_enc": 2e-4, "cost_llm": 1e-4, "text_scale": 8.0,
-        "llm_tokens_per_patch": 64}
+MODELS = {  # cost model, LLM pipeline depth, encoder share of the GPU workers, time scale, samples per GPU
+    "7b": {"cost": {"cost_pre": 2e-3, "cost_enc": 2e-4, "cost_llm": 1e-4, "text_scale": 8.0,
+                    "llm_tokens_per_patch": 64}, "pp": 1, "encoder_share": 0.075, "time_scale": 0.2,
+           "per_gpu": 2, "microbatches": 8},
+    "76b": {"cost": {"cost_pre": 2e-3, "cost_enc": 3.8e-3, "cost_llm": 1.32e-4, "text_scale": 8.0,
+                     "llm_tokens_per_patch": 256}, "pp": 4, "encoder_share": 0.25, "time_scale": 0.2,
+            "per_gpu": 1, "microbatches": 16},
+}
+
+
+def group_sizes(n: int, share: float, pp: int) -> tuple[int, int]:
+    """(encoder, llm) GPU workers of the disaggregated layout: at least the encoder's
+    share of the work (rounded up), the LLM a whole number of ``pp``-stage pipelines."""
+    enc = max(1, math.ceil(share * n - 1e-9))
+    llm = (n - enc) // pp * pp
+    if llm < pp:
+        raise SystemExit(f"{n} workers leave no {pp}-stage LLM pipeline next to {enc} encoder workers")
+    return n - llm, llm
 
 
 def run(nproc: int, overrides: list[str], run_dir: Path, warmup: int, timeout: float) -> dict:
@@ -92,10 +130,19 @@ def run(nproc: int, overrides: list[str], run_dir: Path, warmup: int, timeout: f
     steps = len(rows)
     a = watcher.arrivals
     batch = int(rows[0]["count/samples"])
-    span = a[-1] - a[warmup - 1]
+    # Rank 0 writes step k's line when its own step k + 1 ends (or, if later, when every
+    # rank has reported step k), but the last line at shutdown, right after the one before
+    # it: so the last arrival is not a step period after the one before it when rank 0 is
+    # on the critical path (the monolithic layout) and is when it is not (disaggregated:
+    # rank 0 preprocesses, ahead of the others). Periods are measured between lines
+    # warmup - 1 and steps - 2, which are a step apart in every layout.
+    if steps - warmup < 2:
+        raise SystemExit(f"need at least 2 steps after the {warmup} warm-up steps, got {steps - warmup}")
+    span = a[-2] - a[warmup - 1]
+    measured = steps - warmup - 1
     return {"nproc": nproc, "overrides": overrides, "rows": rows, "batch": batch,
             "since_start_s": [t - t0 for t in a],
-            "samples_per_s": batch * (steps - warmup) / span, "period_s": span / (steps - warmup),
+            "samples_per_s": batch * measured / span, "period_s": span / measured,
             "run_wall_s": wall, "loadavg_1m_before": load, "loadavg_1m_after": os.getloadavg()[0],
             "command": " ".join(["torchrun", "--standalone", f"--nproc_per_node={nproc}", "-m",
                                  "distflow.run", "pipelines/vlm.py", *overrides])}
@@ -126,44 +173,54 @@ def part_real(args, tmp: Path) -> dict:
 
 
 def part_emulated(args, tmp: Path) -> list[dict]:
+    model = MODELS[args.model]
+    pp = model["pp"]
+    share = args.encoder_share if args.encoder_share is not None else model["encoder_share"]
+    scale = args.time_scale if args.time_scale is not None else model["time_scale"]
+    per_gpu = args.per_gpu if args.per_gpu is not None else model["per_gpu"]
+    mbs = args.microbatches if args.microbatches is not None else model["microbatches"]
     results = []
     for n in [int(x) for x in args.workers.split(",")]:
-        enc = max(1, math.ceil(args.encoder_share * n - 1e-9))  # never fewer ranks than the encoder's share of the work
+        enc, llm = group_sizes(n, share, pp)
         pre = max(1, n // 16)
-        scaled = [f"{k}={v * args.time_scale if k.startswith('cost') else v}" for k, v in COST.items()]
-        common = ["emulate=true", f"steps={args.warmup + args.steps}", f"batch={args.per_gpu * n * args.microbatches}",
-                  f"microbatches={args.microbatches}", "eval_every=0", "align_steps=0", "seed=0", *scaled,
-                  f"transport.peer_timeout_s={args.peer_timeout}"]
+        scaled = [f"{k}={v * scale if k.startswith('cost') else v}" for k, v in model["cost"].items()]
+        common = ["emulate=true", f"steps={args.warmup + args.steps}", f"batch={per_gpu * n * mbs}",
+                  f"microbatches={mbs}", "eval_every=0", "align_steps=0", "seed=0", *scaled,
+                  f"pp={pp}", f"transport.peer_timeout_s={args.peer_timeout}"]
         layouts = [("monolithic", "none", n, ["placement=monolithic"])]
-        for reorder in ("none", "intra", "both"):
+        for reorder in args.reorders.split(","):
             layouts.append(("disaggregated", reorder, n + pre,
                             ["placement=disaggregated", f"groups.preprocess={pre}",
-                             f"groups.encoder={enc}", f"groups.llm={n - enc}"]))
+                             f"groups.encoder={enc}", f"groups.llm={llm}"]))
         for placement, reorder, nproc, extra in layouts:
             r = run(nproc, common + extra + [f"reorder={reorder}"], tmp / f"{n}_{placement}_{reorder}",
                     warmup=args.warmup, timeout=args.timeout)
             rows = r.pop("rows")[args.warmup + 1:]  # util of step k arrives with step k + 1
-            groups = {"monolithic": {"llm": n}, "disaggregated": {"encoder": enc, "llm": n - enc}}[placement]
+            groups = {"monolithic": {"llm": n}, "disaggregated": {"encoder": enc, "llm": llm}}[placement]
+            # idle GPU-worker time per step: period - busy time (busy_s/<group> is the mean over
+            # the group's ranks; monolithic workers are in every group and do all three)
+            busy = {g: statistics.mean(x.get(f"busy_s/{g}", 0.0) for x in rows)
+                    for g in ("preprocess", "encoder", "llm")}
             if placement == "monolithic":
-                util = statistics.mean(sum(x.get(f"util/{g}", 0) for g in ("preprocess", "encoder", "llm"))
-                                       for x in rows)
-                idle = (1 - util) * n * r["period_s"]
+                idle = n * (r["period_s"] - sum(busy.values()))
             else:
-                idle = sum((1 - statistics.mean(x[f"util/{g}"] for x in rows)) * k * r["period_s"]
-                           for g, k in groups.items())
-            r.update(n_gpu=n, placement=placement, reorder=reorder, groups=groups,
+                idle = sum(k * (r["period_s"] - busy[g]) for g, k in groups.items())
+            r.update(model=args.model, pp=pp, time_scale=scale, n_gpu=n, placement=placement, reorder=reorder, groups=groups,
                      preprocess_workers=pre if placement == "disaggregated" else 0,
-                     bubble_s=idle, util={g: statistics.mean(x.get(f"util/{g}", 0) for x in rows)
-                                          for g in ("preprocess", "encoder", "llm")})
+                     bubble_s=idle, busy_s=busy,
+                     util={g: statistics.mean(x.get(f"util/{g}", 0) for x in rows)
+                           for g in ("preprocess", "encoder", "llm")})
             results.append(r)
             print(f"N={n} {placement:13s} reorder={reorder:5s} {r['samples_per_s']:7.1f} samples/s "
-                  f"(scaled time) idle GPU-s/step {idle:.2f} util {r['util']}", flush=True)
+                  f"(scaled time), period {r['period_s']:.2f} s, idle GPU-s/step {idle:.2f}, busy s/step "
+                  + " ".join(f"{g} {v:.2f}" for g, v in busy.items()), flush=True)
         base = next(x for x in results if x["n_gpu"] == n and x["placement"] == "monolithic")
-        none = next(x for x in results if x["n_gpu"] == n and x["reorder"] == "none" and x["placement"] == "disaggregated")
+        none = next((x for x in results if x["n_gpu"] == n and x["reorder"] == "none"
+                     and x["placement"] == "disaggregated"), None)
         for x in results:
             if x["n_gpu"] == n:
                 x["speedup_vs_monolithic"] = x["samples_per_s"] / base["samples_per_s"]
-                if x["placement"] == "disaggregated":
+                if x["placement"] == "disaggregated" and none is not None:
                     x["bubble_cut_vs_none"] = 1 - x["bubble_s"] / none["bubble_s"]
         for x in results:
             if x["n_gpu"] == n:
@@ -173,15 +230,35 @@ def part_emulated(args, tmp: Path) -> list[dict]:
     return results
 
 
+def recompute(path: Path, warmup: int) -> None:
+    """Samples/s of an older JSON (measured up to the last line, see ``run``) recomputed
+    from its stored arrival times without the last line."""
+    d = json.loads(path.read_text())
+    rows = [(r, r["since_start_s"]) for r in d["results"] if "since_start_s" in r]
+    base = {}
+    for r, a in rows:
+        n = len(a) - warmup - 1
+        sps = r["batch"] * n / (a[-2] - a[warmup - 1])
+        if r["placement"] == "monolithic":
+            base[r["n_gpu"]] = sps
+        print(f"N={r['n_gpu']} {r['placement']:13s} {r['reorder']:5s} {sps:7.1f} samples/s "
+              f"({sps / base[r['n_gpu']]:.2f}x monolithic), recorded {r['samples_per_s']:.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=("real", "emulated"), required=True)
+    ap.add_argument("--part", choices=("real", "emulated"))
+    ap.add_argument("--recompute", type=Path, metavar="JSON",
+                    help="print an older emulated JSON's samples/s measured without its last line "
+                         "(with --warmup as it was run) and exit")
     ap.add_argument("--workers", default="16,64")
-    ap.add_argument("--per-gpu", type=int, default=2, help="samples per GPU worker per microbatch")
-    ap.add_argument("--microbatches", type=int, default=8)
+    ap.add_argument("--model", choices=sorted(MODELS), default="7b", help="--part emulated: the cost model")
+    ap.add_argument("--per-gpu", type=int, help="samples per GPU worker per microbatch (default: the model's)")
+    ap.add_argument("--microbatches", type=int, help="per step (default: the model's, 8 for 7b, 16 for 76b)")
+    ap.add_argument("--reorders", default="none,intra,both", help="--part emulated: disaggregated runs, one per reorder= value")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--time-scale", type=float, default=0.2)
+    ap.add_argument("--time-scale", type=float, help="multiplies every modelled duration (default: the model's)")
     ap.add_argument("--real-steps", type=int, default=1500)
     ap.add_argument("--max-images", type=int, default=8, help="--part real: images per sample, 1-N")
     ap.add_argument("--align-steps", type=int, default=200,
@@ -189,22 +266,29 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3, help="--part real")
     ap.add_argument("--eval-every", type=int, default=100, help="--part real")
     ap.add_argument("--timeout", type=float, default=900)
-    ap.add_argument("--encoder-share", type=float, default=0.075,
-                    help="GPU workers given to the encoder group, as a share (rounded up; default 0.075: the encoder is ~7%% of the compute)")
+    ap.add_argument("--encoder-share", type=float,
+                    help="GPU workers given to the encoder group, as a share (rounded up; default: the "
+                         "model's, 0.075 for 7b and 0.25 for 76b, about the encoder's share of the compute)")
     ap.add_argument("--peer-timeout", type=float, default=10,
                     help="transport.peer_timeout_s; 64 processes on 2 cores starve heartbeats at 10 s")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    if args.recompute:
+        return recompute(args.recompute, args.warmup)
+    if args.part is None:
+        ap.error("--part is required")
     tmp = Path(tempfile.mkdtemp(prefix="distflow-mm-"))
     try:
         res = part_real(args, tmp) if args.part == "real" else part_emulated(args, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"multimodal_{args.part}.json"
+    path = args.out / (f"multimodal_{args.part}.json" if args.part == "real" or args.model == "7b"
+                       else f"multimodal_{args.part}_{args.model}.json")
     path.write_text(json.dumps({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                                 "cpu": cpu_model(), "cores": os.cpu_count(), "git": git_state(),
-                                "args": {k: str(v) for k, v in vars(args).items()}, "cost_model": COST,
+                                "args": {k: str(v) for k, v in vars(args).items()},
+                                "cost_model": MODELS[args.model] if args.part == "emulated" else None,
                                 "results": res}, indent=1))
     print(f"wrote {path}")
 

@@ -72,6 +72,8 @@ class Pipeline:
     """Run-config defaults of this pipeline (e.g. ``{"placement": "split", "groups.train": 2}``)."""
     check: Callable[[dict[str, Any]], None] | None = None
     """Validates the resolved ``params`` before any process opens a socket (raise ValueError)."""
+    check_groups: Callable[[dict[str, Any], dict[str, tuple[int, ...]]], None] | None = None
+    """Validates ``params`` against the placement's group ranks, also before any socket."""
     layouts: dict[str, Callable[[int], dict[str, int | str]]] = field(default_factory=dict)
     """Default group sizes per placement strategy, as a function of WORLD_SIZE
     (``groups.<name>=`` on the command line overrides them)."""

@@ -61,6 +61,12 @@ steps, 2.5-3.5 minutes on a 2-core CPU box (benchmarks/RESULTS.md).
 ``emulate=true`` replaces compute (rendering, preprocessing, encoder, LLM) with timed
 waits from a cost model (``cost_*`` keys, seconds; see benchmarks/multimodal.py) while
 sending tensors of the small model's shapes: the benchmark's emulated-compute mode.
+``pp=P`` (emulated only) splits the LLM into ``P`` pipeline stages on ``P`` consecutive
+ranks of the ``llm`` group (Megatron's 1F1B schedule, activations and their gradients
+over ``ctx.streams``): in the monolithic layout the first stage of each pipeline also
+preprocesses and encodes (Megatron-LM's layout, the encoder in the first stage); in the
+disaggregated one the pipelines hold only the LLM. A group size that is not a multiple of
+``P`` fails before any worker starts.
 """
 from __future__ import annotations
 
@@ -76,7 +82,8 @@ from distflow import Batch, Pipeline, Stage
 from distflow.checkpoint import load_optimizer, save_optimizer
 from distflow.models.vlm import build_vlm, pad_images, vlm_loss
 from distflow.multimodal import digits as D
-from distflow.multimodal.plan import MAX_IMAGES, REORDER, Plan, plan_step, sample_costs
+from distflow.multimodal.plan import (MAX_IMAGES, REORDER, Plan, check_pp, llm_pipeline, plan_step,
+                                      sample_costs)
 
 
 def _groups(ctx) -> dict:
@@ -428,6 +435,8 @@ class LLM:
 
     def __call__(self, ctx):
         _enter(ctx)
+        if ctx.params["pp"] > 1:
+            return self._pipelined(ctx)
         wait = _StreamWait(ctx)
         p, plan, s, me = ctx.params, train_plan(ctx), ctx.streams, ctx.rank
         loss_sum, n_tok, n = 0.0, 0, 0
@@ -448,18 +457,82 @@ class LLM:
                 g[perm] = g_sorted
             n_tok += int((text["targets"] != -100).sum())
             n += len(text)
-            offset = 0  # rows arrived in sender order; each sender gets its own back
-            for src, size in zip(senders, _arrival_sizes(plan, mb, senders, me)):
-                rows = slice(offset, offset + size)
-                s.send("grads", ctx.step, i, src, Batch({"grad": g[rows]}, img.sample_ids[rows],
-                                                       img.lengths[rows]))
-                offset += size
+            _send_grads(ctx, plan, i, mb, senders, img, g)
         with _busy(ctx, "llm") if not ctx.params["emulate"] else _nothing():
             norm = self.side.trainer.step(ctx)
         if n_tok:
             ctx.log_mean(n_tok, loss=loss_sum / n_tok)
         ctx.log(**{"llm/grad_norm": norm, "count/samples": n})
         wait.log()
+
+    def _pipelined(self, ctx):
+        """``pp`` > 1 (emulated only): this rank is one stage of an LLM pipeline and runs
+        Megatron's 1F1B schedule over the step's microbatches: ``pp - 1 - stage`` forwards
+        to warm up, then one forward and one backward in turn, then the remaining
+        backwards. Activations go to the next stage and their gradients to the previous
+        one over ``ctx.streams``; the head (stage 0) receives text and image tokens and
+        sends the image-token gradients back to the encoder ranks. A stage's forward takes
+        1/3 and its backward 2/3 of its 1/``pp`` share of the samples' LLM cost."""
+        wait = _StreamWait(ctx)
+        p, plan, s = ctx.params, train_plan(ctx), ctx.streams
+        pp = p["pp"]
+        stage, pipe = llm_pipeline(s.ranks("llm"), pp, ctx.rank)
+        head = pipe[0]
+        mbs = [(i, mb, plan.mine(mb, plan.llm, head)) for i, mb in enumerate(plan.order)]
+        mbs = [x for x in mbs if x[2]]
+        held: dict[int, tuple] = {}
+        n = 0
+
+        def activations(mine):  # one placeholder row per sample
+            return Batch({"x": torch.zeros(len(mine), 1)}, [plan.ids[j] for j in mine],
+                         [plan.specs[j].seq_len for j in mine])
+
+        def forward(i, mb, mine):
+            nonlocal n
+            if stage == 0:
+                text, img, senders, _ = _inputs(ctx, plan, i, mb, "text", "embeds")
+                held[i] = (senders, img)
+                n += len(text)
+            else:
+                s.recv("act", ctx.step, i, [pipe[stage - 1]])
+            with _busy(ctx, "llm", sum(sample_costs(p, plan.specs[j])[2] for j in mine) / pp / 3):
+                pass
+            if stage < pp - 1:
+                s.send("act", ctx.step, i, pipe[stage + 1], activations(mine))
+
+        def backward(i, mb, mine):
+            if stage < pp - 1:
+                s.recv("act_grad", ctx.step, i, [pipe[stage + 1]])
+            with _busy(ctx, "llm", sum(sample_costs(p, plan.specs[j])[2] for j in mine) / pp * 2 / 3):
+                pass
+            if stage > 0:
+                s.send("act_grad", ctx.step, i, pipe[stage - 1], activations(mine))
+            else:
+                senders, img = held.pop(i)
+                _send_grads(ctx, plan, i, mb, senders, img, torch.zeros_like(img["tokens"]))
+
+        warm = min(pp - 1 - stage, len(mbs))
+        for x in mbs[:warm]:
+            forward(*x)
+        for k in range(len(mbs) - warm):
+            forward(*mbs[warm + k])
+            backward(*mbs[k])
+        for x in mbs[len(mbs) - warm:]:
+            backward(*x)
+        self.side.trainer.step(ctx)
+        ctx.log(**{"llm/grad_norm": 0.0, "count/samples": n})
+        wait.log()
+
+
+def _send_grads(ctx, plan: Plan, i: int, mb, senders: list[int], img: Batch, g: torch.Tensor) -> None:
+    """The gradient w.r.t. the image tokens of microbatch ``i`` back to the encoder ranks
+    (rows arrived in sender order; each sender gets its own back)."""
+    offset = 0
+    for src, size in zip(senders, _arrival_sizes(plan, mb, senders, ctx.rank)):
+        rows = slice(offset, offset + size)
+        ctx.streams.send("grads", ctx.step, i, src, Batch({"grad": g[rows]}, img.sample_ids[rows],
+                                                        img.lengths[rows]))
+        offset += size
 
 
 def _arrival_sizes(plan: Plan, mb, senders: list[int], me: int) -> list[int]:
@@ -532,6 +605,13 @@ def check(p: dict) -> None:
                          f"microbatches={p['microbatches']}")
 
 
+def check_groups(p: dict, groups: dict) -> None:
+    if p["pp"] > 1 and not p["emulate"]:
+        raise ValueError(f"pp={p['pp']} is emulated only (emulate=true): the CPU model's LLM has "
+                         f"{p['layers']} layers and is not split into pipeline stages")
+    check_pp(p["pp"], groups["llm"])
+
+
 pipeline = Pipeline("vlm", [
     Stage("preprocess", preprocess, group="preprocess"),
     Stage("encode", Encode, group="encoder"),
@@ -543,6 +623,6 @@ pipeline = Pipeline("vlm", [
            "weight_decay": 0.0,
            "grad_clip": 1.0, "reorder": "none", "eval_every": 50, "eval_samples": 256,
            "emulate": False, "cost_pre": 1e-3, "cost_enc": 1e-4, "cost_llm": 1e-4,
-           "text_scale": 1.0, "llm_tokens_per_patch": 0},
-   defaults={"placement": "monolithic", "steps": 1500}, check=check,
+           "text_scale": 1.0, "llm_tokens_per_patch": 0, "pp": 1},
+   defaults={"placement": "monolithic", "steps": 1500}, check=check, check_groups=check_groups,
    layouts={"monolithic": _monolithic, "disaggregated": _disaggregated})

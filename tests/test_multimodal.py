@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from distflow.models.vlm import build_vlm, embed_with_images, pad_images, vlm_loss
 from distflow.multimodal import digits as D
-from distflow.multimodal.plan import plan_step
+from distflow.multimodal.plan import llm_pipeline, plan_step
 from distflow.multimodal.reorder import (StageCost, assign, johnson, makespan, order_microbatches,
                                          pipeline_makespan, pipeline_times)
 from distflow.placement import PlacementError
@@ -63,6 +63,15 @@ def test_image_group_of_size_zero_fails_before_any_worker():
         prepare(PIPELINE, ["placement=disaggregated", "groups.encoder=0", "groups.llm=2"], 3)
     with pytest.raises(ValueError, match="size must be >= 1"):
         assign([1.0, 2.0], 0, True)
+
+
+def test_llm_pipelines_that_do_not_fit_fail_before_any_worker():
+    dis = ["placement=disaggregated", "groups.preprocess=1", "groups.encoder=1", "groups.llm=4"]
+    with pytest.raises(ValueError, match=r"pp=3: the llm group's 4 ranks cannot form pipelines of 3 stages"):
+        prepare(PIPELINE, ["emulate=true", "pp=3", *dis], 6)
+    with pytest.raises(ValueError, match=r"pp=2 is emulated only \(emulate=true\)"):
+        prepare(PIPELINE, ["pp=2", *dis], 6)
+    assert prepare(PIPELINE, ["emulate=true", "pp=2", *dis], 6) is not None
 
 
 # -- reordering ------------------------------------------------------------------------------
@@ -123,6 +132,18 @@ def test_plan_places_every_sample_once():
     assert plan.ids[0] == 64 and plan.answer_tokens == sum(s.answer_tokens for s in plan.specs)
     mono = plan_step(p, "train", 64, 32, 4, {g: (0, 1) for g in groups}, True)
     assert mono.pre == mono.enc == mono.llm
+
+
+def test_plan_with_llm_pipelines_sends_to_their_first_stages():
+    p = {**load_pipeline(PIPELINE).params, "reorder": "both", "pp": 2}
+    groups = {"preprocess": (0,), "encoder": (1,), "llm": (2, 3, 4, 5)}
+    plan = plan_step(p, "train", 0, 16, 4, groups, False)
+    assert set(plan.llm) == {2, 4} and sorted(j for mb in plan.order for j in mb) == list(range(16))
+    assert [llm_pipeline(groups["llm"], 2, r) for r in (2, 3, 4, 5)] == [
+        (0, (2, 3)), (1, (2, 3)), (0, (4, 5)), (1, (4, 5))]
+    # Megatron layout: the first stage of each pipeline also preprocesses and encodes
+    mono = plan_step({**p, "reorder": "none"}, "train", 0, 16, 4, {g: (0, 1, 2, 3) for g in groups}, True)
+    assert mono.pre == mono.enc == mono.llm and set(mono.llm) == {0, 2}
 
 
 # -- the model: gradients across the encoder/LLM boundary --------------------------------------

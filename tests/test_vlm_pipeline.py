@@ -44,3 +44,27 @@ def test_monolithic_and_disaggregated_losses_match_with_and_without_reordering(t
     assert [r["step"] for r in again] == list(range(10))
     for a, b in zip(both[5:], again[5:]):
         assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(a["loss"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_emulated_llm_pipelines_run_1f1b_and_take_the_modelled_time(tmp_path):
+    """emulate=true pp=2: two LLM ranks form one pipeline (1F1B over the data plane); every
+    sample is trained once per step and each LLM rank is busy for its half of the modelled
+    LLM time (cost_llm per token, split over the stages)."""
+    from distflow.multimodal import digits as D
+    from distflow.multimodal.plan import sample_costs
+    cost = {"cost_pre": 1e-3, "cost_enc": 1e-3, "cost_llm": 1e-3, "text_scale": 1.0,
+            "llm_tokens_per_patch": 0}
+    out = tmp_path / "pp"
+    res = torchrun(PIPELINE, 4, out, "emulate=true", "pp=2", "steps=3", "batch=8", "microbatches=4",
+                   "eval_every=0", "align_steps=0", "seed=1", "placement=disaggregated",
+                   "groups.preprocess=1", "groups.encoder=1", "groups.llm=2",
+                   *[f"{k}={v}" for k, v in cost.items()], timeout=150)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["count/samples"] for r in rows] == [8.0] * 3
+    p = {"max_images": 8, **cost}
+    for r in rows:  # busy_s/llm: mean over the 2 stages = the step's LLM cost / 2
+        want = sum(sample_costs(p, D.spec("train", r["step"] * 8 + j, 8))[2] for j in range(8)) / 2
+        assert want <= r["busy_s/llm"] <= 1.5 * want, (r["busy_s/llm"], want)

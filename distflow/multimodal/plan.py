@@ -3,6 +3,12 @@ sample range, microbatches, group ranks), so every rank computes the same one wi
 talking: which samples form each microbatch and in which order the microbatches run
 (inter-microbatch reordering), and which rank preprocesses, encodes and trains on each
 sample (intra-microbatch reordering). Receivers read from it exactly whom to wait for.
+
+With ``pp`` > 1 the LLM group is cut into pipelines of ``pp`` consecutive ranks (the
+LLM's layers split in ``pp`` stages, Megatron-style); a sample's LLM rank is the first
+stage (the *head*) of its pipeline, and the other stages follow from it
+(``llm_pipeline``). In the monolithic layout the heads also preprocess and encode (the
+encoder sits in the first pipeline stage, as in Megatron-LM).
 """
 from __future__ import annotations
 
@@ -46,6 +52,20 @@ def sample_costs(p: dict, s) -> tuple[float, float, float]:
     return p["cost_pre"] * images, p["cost_enc"] * patches, p["cost_llm"] * llm_tokens
 
 
+def llm_pipeline(llm_ranks: tuple, pp: int, rank: int) -> tuple[int, tuple]:
+    """(stage, ranks of the pipeline) of LLM rank ``rank`` when ``llm_ranks`` form
+    pipelines of ``pp`` consecutive ranks."""
+    k = llm_ranks.index(rank)
+    r = k - k % pp
+    return k % pp, tuple(llm_ranks[r:r + pp])
+
+
+def check_pp(pp: int, llm_ranks: tuple) -> None:
+    if pp < 1 or len(llm_ranks) % pp:
+        raise ValueError(f"pp={pp}: the llm group's {len(llm_ranks)} ranks cannot form pipelines "
+                         f"of {pp} stages (its size must be a multiple of pp)")
+
+
 def plan_step(p: dict, split: str, first: int, n: int, mbs: int, groups: dict,
               monolithic: bool) -> Plan:
     specs = tuple(D.spec(split, first + j, p["max_images"]) for j in range(n))
@@ -53,18 +73,20 @@ def plan_step(p: dict, split: str, first: int, n: int, mbs: int, groups: dict,
     inter = p["reorder"] in ("inter", "both")
     size = -(-n // mbs)
     chunks = [list(range(k, min(n, k + size))) for k in range(0, n, size)]
+    pp = p.get("pp", 1)
+    check_pp(pp, tuple(groups["llm"]))
+    heads = tuple(groups["llm"])[::pp]  # first stage of each LLM pipeline
     pre, enc, llm = [0] * n, [0] * n, [0] * n
     costs = []
     for mb in chunks:
         c = [sample_costs(p, specs[j]) for j in mb]
         if monolithic:
-            ranks = groups["llm"]
-            owner = assign([x[0] + 3 * x[1] + x[2] for x in c], len(ranks), intra)
+            owner = assign([x[0] + 3 * x[1] + x[2] / pp for x in c], len(heads), intra)
             for j, o in zip(mb, owner):
-                pre[j] = enc[j] = llm[j] = ranks[o]
+                pre[j] = enc[j] = llm[j] = heads[o]
         else:
             for of, group, k in ((pre, "preprocess", 0), (enc, "encoder", 1), (llm, "llm", 2)):
-                ranks = groups[group]
+                ranks = heads if group == "llm" else groups[group]
                 owner = assign([x[k] for x in c], len(ranks), intra)
                 for j, o in zip(mb, owner):
                     of[j] = ranks[o]
@@ -73,7 +95,7 @@ def plan_step(p: dict, split: str, first: int, n: int, mbs: int, groups: dict,
             loads[("e", enc[j])] = loads.get(("e", enc[j]), 0.0) + x[1]
             loads[("l", llm[j])] = loads.get(("l", llm[j]), 0.0) + x[2]
         ef = max(v for (g, _), v in loads.items() if g == "e")
-        costs.append(StageCost(ef, max(v for (g, _), v in loads.items() if g == "l"), 2 * ef))
+        costs.append(StageCost(ef, max(v for (g, _), v in loads.items() if g == "l") / pp, 2 * ef))
     order = order_microbatches(costs, inter) if not monolithic else list(range(len(chunks)))
     base = EVAL_ID if split == "heldout" else 0
     return Plan(specs, tuple(base + first + j for j in range(n)),

@@ -44,4 +44,6 @@ def make_plan(pipeline: Pipeline, cfg: RunConfig, world_size: int) -> RunPlan:
     routes = plan_routes(pipeline, placement, cfg.routing)
     if pipeline.check:
         pipeline.check(cfg.params)
+    if pipeline.check_groups:
+        pipeline.check_groups(cfg.params, placement.groups)
     return RunPlan(pipeline, cfg, placement, routes, islands, sync_ranks)
