@@ -189,3 +189,29 @@ def test_image_tokens_must_match_placeholders():
     _, llm = build_vlm(D.VOCAB, D.MAX_PATCHES)
     with pytest.raises(ValueError, match=r"\d+ image placeholder tokens but 1 image tokens"):
         embed_with_images(llm, ids, D.IMAGE, torch.zeros(1, 64))
+
+
+def test_cost_model_replay_hand_computed():
+    """benchmarks/multimodal.py's ``simulate``: one monolithic rank does everything in a
+    row; two LLM stages run 1F1B (stage 0: F0 F1 B0 B1, stage 1: F0 B0 F1 B1)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from multimodal import simulate
+
+    from distflow.multimodal.plan import sample_costs
+    p = {**load_pipeline(PIPELINE).params, "cost_pre": 1e-3, "cost_enc": 2e-3, "cost_llm": 1e-3,
+         "batch": 2, "microbatches": 2, "max_images": 8}
+    pre, enc, llm = (sum(sample_costs(p, D.spec("train", j, 8))[k] for j in (0, 1)) for k in range(3))
+    one = {g: (0,) for g in ("preprocess", "encoder", "llm")}
+    assert simulate(p, one, True, 0) == pytest.approx(pre + enc + llm + 2 * enc)
+    q = {**p, "cost_pre": 0.0, "cost_enc": 0.0, "pp": 2}
+    c = [sample_costs(q, D.spec("train", j, 8))[2] for j in (0, 1)]
+    f, b = [x / 6 for x in c], [x / 3 for x in c]
+    s0_f1 = f[0] + f[1]
+    s1_b0 = 2 * f[0] + b[0]
+    s0_b0 = max(s0_f1, s1_b0) + b[0]
+    s1_b1 = max(s1_b0, s0_f1) + f[1] + b[1]
+    want = max(s0_b0, s1_b1) + b[1]
+    got = simulate(q, {"preprocess": (0,), "encoder": (1,), "llm": (2, 3)}, False, 0)
+    assert got == pytest.approx(want) and got > sum(c) / 2  # the pipeline's bubble
