@@ -184,7 +184,7 @@ def simulate(p: dict, groups: dict, monolithic: bool, step: int) -> float:
     back; each LLM pipeline's stages in 1F1B order, a forward 1/3 and a backward 2/3 of a
     stage's share; in the monolithic layout a pipeline's first stage preprocesses, then
     encodes every microbatch, then runs the LLM, then the encoder backwards)."""
-    from distflow.multimodal.plan import plan_step, sample_costs
+    from distflow.multimodal.plan import one_f_one_b, plan_step, sample_costs
     pp = p.get("pp", 1)
     plan = plan_step(p, "train", step * p["batch"], p["batch"], p["microbatches"], groups, monolithic)
     cost = [sample_costs(p, s) for s in plan.specs]
@@ -213,14 +213,7 @@ def simulate(p: dict, groups: dict, monolithic: bool, step: int) -> float:
         pipe = llm[llm.index(h):llm.index(h) + pp]
         work = [(i, mb, sum(cost[j][2] for j in mb if plan.llm[j] == h)) for i, mb in mbs]
         work = [w for w in work if w[2] > 0]
-        ops = []
-        for s in range(pp):  # 1F1B order per stage
-            warm = min(pp - 1 - s, len(work))
-            seq = [("F", w) for w in work[:warm]]
-            for k in range(len(work) - warm):
-                seq += [("F", work[warm + k]), ("B", work[k])]
-            seq += [("B", w) for w in work[len(work) - warm:]]
-            ops.append(seq)
+        ops = [[(kind, work[k]) for kind, k in one_f_one_b(len(work), pp, s)] for s in range(pp)]
         pos = [0] * pp
         while any(pos[s] < len(ops[s]) for s in range(pp)):
             moved = False

@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -82,8 +81,8 @@ from distflow import Batch, Pipeline, Stage
 from distflow.checkpoint import load_optimizer, save_optimizer
 from distflow.models.vlm import build_vlm, pad_images, vlm_loss
 from distflow.multimodal import digits as D
-from distflow.multimodal.plan import (MAX_IMAGES, REORDER, Plan, check_pp, llm_pipeline, plan_step,
-                                      sample_costs)
+from distflow.multimodal.plan import (MAX_IMAGES, REORDER, Plan, check_pp, llm_pipeline,
+                                      one_f_one_b, plan_step, sample_costs)
 
 
 def _groups(ctx) -> dict:
@@ -283,9 +282,6 @@ def _model_kwargs(p: dict) -> dict:
 
 
 # -- encoder side --------------------------------------------------------------------------
-_TOWER: dict[int, "_TowerSide"] = {}
-
-
 class _TowerSide:
     """The tower of this rank, shared by ``encode`` (forward) and ``encode_bwd``."""
 
@@ -297,9 +293,7 @@ class _TowerSide:
 
     @staticmethod
     def of(ctx) -> "_TowerSide":
-        if ctx.rank not in _TOWER:
-            _TOWER[ctx.rank] = _TowerSide(ctx)
-        return _TOWER[ctx.rank]
+        return ctx.shared("tower", lambda: _TowerSide(ctx))
 
     def forward(self, ctx, patches: Batch, grad: bool) -> torch.Tensor:
         p = ctx.params
@@ -358,7 +352,7 @@ class EncodeBwd:
     def __call__(self, ctx):
         _enter(ctx)
         wait = _StreamWait(ctx)
-        plan, s, me = train_plan(ctx), ctx.streams, ctx.rank
+        plan, s = train_plan(ctx), ctx.streams
         for i, mb in enumerate(plan.order):
             if i not in self.side.saved:
                 continue
@@ -389,9 +383,6 @@ class EncodeBwd:
 
 
 # -- LLM side ------------------------------------------------------------------------------
-_LLM: dict[int, "_LLMSide"] = {}
-
-
 class _LLMSide:
     def __init__(self, ctx):
         _, self.llm = build_vlm(D.VOCAB, D.MAX_PATCHES, seed=ctx.seed, **_model_kwargs(ctx.params))
@@ -399,9 +390,7 @@ class _LLMSide:
 
     @staticmethod
     def of(ctx) -> "_LLMSide":
-        if ctx.rank not in _LLM:
-            _LLM[ctx.rank] = _LLMSide(ctx)
-        return _LLM[ctx.rank]
+        return ctx.shared("llm", lambda: _LLMSide(ctx))
 
 
 def _inputs(ctx, plan: Plan, i: int, mb, edge_txt: str, edge_img: str):
@@ -438,7 +427,7 @@ class LLM:
         if ctx.params["pp"] > 1:
             return self._pipelined(ctx)
         wait = _StreamWait(ctx)
-        p, plan, s, me = ctx.params, train_plan(ctx), ctx.streams, ctx.rank
+        p, plan, me = ctx.params, train_plan(ctx), ctx.rank
         loss_sum, n_tok, n = 0.0, 0, 0
         for i, mb in enumerate(plan.order):
             if not plan.mine(mb, plan.llm, me):
@@ -467,9 +456,7 @@ class LLM:
 
     def _pipelined(self, ctx):
         """``pp`` > 1 (emulated only): this rank is one stage of an LLM pipeline and runs
-        Megatron's 1F1B schedule over the step's microbatches: ``pp - 1 - stage`` forwards
-        to warm up, then one forward and one backward in turn, then the remaining
-        backwards. Activations go to the next stage and their gradients to the previous
+        Megatron's 1F1B schedule (``one_f_one_b``) over the step's microbatches. Activations go to the next stage and their gradients to the previous
         one over ``ctx.streams``; the head (stage 0) receives text and image tokens and
         sends the image-token gradients back to the encoder ranks. A stage's forward takes
         1/3 and its backward 2/3 of its 1/``pp`` share of the samples' LLM cost."""
@@ -511,14 +498,8 @@ class LLM:
                 senders, img = held.pop(i)
                 _send_grads(ctx, plan, i, mb, senders, img, torch.zeros_like(img["tokens"]))
 
-        warm = min(pp - 1 - stage, len(mbs))
-        for x in mbs[:warm]:
-            forward(*x)
-        for k in range(len(mbs) - warm):
-            forward(*mbs[warm + k])
-            backward(*mbs[k])
-        for x in mbs[len(mbs) - warm:]:
-            backward(*x)
+        for kind, k in one_f_one_b(len(mbs), pp, stage):
+            (forward if kind == "F" else backward)(*mbs[k])
         self.side.trainer.step(ctx)
         ctx.log(**{"llm/grad_norm": 0.0, "count/samples": n})
         wait.log()

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from distflow.models.vlm import build_vlm, embed_with_images, pad_images, vlm_loss
 from distflow.multimodal import digits as D
-from distflow.multimodal.plan import llm_pipeline, plan_step
+from distflow.multimodal.plan import llm_pipeline, one_f_one_b, plan_step
 from distflow.multimodal.reorder import (StageCost, assign, johnson, makespan, order_microbatches,
                                          pipeline_makespan, pipeline_times)
 from distflow.placement import PlacementError
@@ -215,3 +215,21 @@ def test_cost_model_replay_hand_computed():
     want = max(s0_b0, s1_b1) + b[1]
     got = simulate(q, {"preprocess": (0,), "encoder": (1,), "llm": (2, 3)}, False, 0)
     assert got == pytest.approx(want) and got > sum(c) / 2  # the pipeline's bubble
+
+
+def test_one_f_one_b_orders():
+    assert one_f_one_b(4, 2, 0) == [("F", 0), ("F", 1), ("B", 0), ("F", 2), ("B", 1), ("F", 3), ("B", 2), ("B", 3)]
+    assert one_f_one_b(3, 2, 1) == [("F", 0), ("B", 0), ("F", 1), ("B", 1), ("F", 2), ("B", 2)]
+    assert one_f_one_b(1, 4, 0) == [("F", 0), ("B", 0)]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 12), st.integers(1, 6), st.data())
+def test_one_f_one_b_runs_each_microbatch_once_forward_before_backward(n, pp, data):
+    stage = data.draw(st.integers(0, pp - 1))
+    ops = one_f_one_b(n, pp, stage)
+    assert sorted(ops) == sorted([("F", k) for k in range(n)] + [("B", k) for k in range(n)])
+    assert all(ops.index(("F", k)) < ops.index(("B", k)) for k in range(n))
+    in_flight = max((sum(1 for o in ops[:i + 1] if o[0] == "F") - sum(1 for o in ops[:i + 1] if o[0] == "B")
+                     for i in range(len(ops))), default=0)
+    assert in_flight <= min(n, pp - stage)  # 1F1B bounds the activations a stage holds

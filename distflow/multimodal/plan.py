@@ -60,6 +60,17 @@ def llm_pipeline(llm_ranks: tuple, pp: int, rank: int) -> tuple[int, tuple]:
     return k % pp, tuple(llm_ranks[r:r + pp])
 
 
+def one_f_one_b(n: int, pp: int, stage: int) -> list[tuple[str, int]]:
+    """Megatron's 1F1B order of ``n`` microbatches on pipeline stage ``stage`` of ``pp``:
+    ``pp - 1 - stage`` forwards to warm up, then a forward and a backward in turn, then the
+    remaining backwards; ``("F", k)`` / ``("B", k)``."""
+    warm = min(pp - 1 - stage, n)
+    ops = [("F", k) for k in range(warm)]
+    for k in range(n - warm):
+        ops += [("F", warm + k), ("B", k)]
+    return ops + [("B", k) for k in range(n - warm, n)]
+
+
 def check_pp(pp: int, llm_ranks: tuple) -> None:
     if pp < 1 or len(llm_ranks) % pp:
         raise ValueError(f"pp={pp}: the llm group's {len(llm_ranks)} ranks cannot form pipelines "
