@@ -91,6 +91,7 @@ REPO = HERE.parent
 PIPELINE = REPO / "pipelines" / "vlm.py"
 RESULTS = HERE / "results"
 sys.path.insert(0, str(REPO))
+from distflow.multimodal.plan import one_f_one_b, plan_step, sample_costs  # noqa: E402
 from distflow.run import load_pipeline  # noqa: E402
 
 PARAMS = load_pipeline(str(PIPELINE)).params
@@ -180,75 +181,63 @@ def simulate(p: dict, groups: dict, monolithic: bool, step: int) -> float:
     """The cost model's step time of a layout, with no runtime overhead at all: a
     discrete-event replay of what the emulated run does (the same plan; preprocessing
     inline, or on CPU workers that run a step ahead and so are done in time whenever their
-    step's work is shorter than the step; encoder forwards, then each backward once its gradient is
-    back; each LLM pipeline's stages in 1F1B order, a forward 1/3 and a backward 2/3 of a
-    stage's share; in the monolithic layout a pipeline's first stage preprocesses, then
-    encodes every microbatch, then runs the LLM, then the encoder backwards)."""
-    from distflow.multimodal.plan import one_f_one_b, plan_step, sample_costs
+    step's work is shorter than the step; encoder forwards, then each backward once its
+    gradient is back; each LLM pipeline's stages in 1F1B order, a forward 1/3 and a
+    backward 2/3 of a stage's share; in the monolithic layout a pipeline's first stage
+    preprocesses, then encodes every microbatch, then runs the LLM, then the encoder
+    backwards)."""
     pp = p.get("pp", 1)
     plan = plan_step(p, "train", step * p["batch"], p["batch"], p["microbatches"], groups, monolithic)
     cost = [sample_costs(p, s) for s in plan.specs]
     mbs = list(enumerate(plan.order))
-    free: dict = {}  # (role, rank) -> time it is free
+    free: dict = {}  # (role, rank) -> when it is next free
 
-    def run(key, start, dur):
-        t = max(free.get(key, 0.0), start) + dur
-        free[key] = t
-        return t
+    def occupy(key, start, dur):
+        free[key] = max(free.get(key, 0.0), start) + dur
+        return free[key]
 
-    pre_done, enc_done = {}, {}
+    pre_done, enc_done, grads_back = {}, {}, {}
     for i, mb in mbs:  # preprocessing, per rank in microbatch order: inline on the GPU
         for r in {plan.pre[j] for j in mb}:  # workers, or a step ahead on CPU workers
-            t = run(("gpu" if monolithic else "pre", r), 0.0, sum(cost[j][0] for j in mb if plan.pre[j] == r))
+            t = occupy(("gpu" if monolithic else "pre", r), 0.0, sum(cost[j][0] for j in mb if plan.pre[j] == r))
             pre_done[i, r] = t if monolithic else 0.0
     for i, mb in mbs:  # encoder forwards
         for r in {plan.enc[j] for j in mb}:
             mine = [j for j in mb if plan.enc[j] == r]
             ready = max(pre_done[i, plan.pre[j]] for j in mine)
-            enc_done[i, r] = run(("gpu", r), ready, sum(cost[j][1] for j in mine))
-    heads = sorted(set(plan.llm))
+            enc_done[i, r] = occupy(("gpu", r), ready, sum(cost[j][1] for j in mine))
     llm = list(groups["llm"])
-    f_end, b_end = {}, {}
-    for h in heads:
+    for h in sorted(set(plan.llm)):  # each LLM pipeline, its stages in 1F1B order
         pipe = llm[llm.index(h):llm.index(h) + pp]
-        work = [(i, mb, sum(cost[j][2] for j in mb if plan.llm[j] == h)) for i, mb in mbs]
-        work = [w for w in work if w[2] > 0]
-        ops = [[(kind, work[k]) for kind, k in one_f_one_b(len(work), pp, s)] for s in range(pp)]
+        work = [(i, [j for j in mb if plan.llm[j] == h]) for i, mb in mbs]
+        work = [(i, mine, sum(cost[j][2] for j in mine) / pp) for i, mine in work if mine]
+        ops = [one_f_one_b(len(work), pp, s) for s in range(pp)]
+        done: dict = {}  # (kind, stage, k) -> end time
         pos = [0] * pp
         while any(pos[s] < len(ops[s]) for s in range(pp)):
             moved = False
             for s in range(pp):
-                if pos[s] == len(ops[s]):
-                    continue
-                kind, (i, mb, c) = ops[s][pos[s]]
-                if kind == "F":
-                    if s == 0:
-                        mine = [j for j in mb if plan.llm[j] == h]
-                        dep = max([pre_done[i, plan.pre[j]] for j in mine]
-                                  + [enc_done[i, plan.enc[j]] for j in mine])
-                    elif (s - 1, i) in f_end:
-                        dep = f_end[s - 1, i]
+                while pos[s] < len(ops[s]):
+                    kind, k = ops[s][pos[s]]
+                    i, mine, c = work[k]
+                    if kind == "F":
+                        dep = (max(max(pre_done[i, plan.pre[j]], enc_done[i, plan.enc[j]]) for j in mine)
+                               if s == 0 else done.get(("F", s - 1, k)))
                     else:
-                        continue
-                    f_end[s, i] = run(("gpu", pipe[s]), dep, c / pp / 3)
-                else:
-                    if s == pp - 1:
-                        dep = f_end[s, i]
-                    elif (s + 1, i) in b_end:
-                        dep = b_end[s + 1, i]
-                    else:
-                        continue
-                    b_end[s, i] = run(("gpu", pipe[s]), dep, 2 * c / pp / 3)
-                    if s == 0:
-                        b_end[h, i] = b_end[s, i]
-                pos[s] += 1
-                moved = True
+                        dep = done.get(("F", s, k) if s == pp - 1 else ("B", s + 1, k))
+                    if dep is None:
+                        break
+                    done[kind, s, k] = occupy(("gpu", pipe[s]), dep, c / 3 if kind == "F" else 2 * c / 3)
+                    pos[s] += 1
+                    moved = True
             if not moved:
                 raise RuntimeError("1F1B replay deadlocked")
+        for k, (i, _, _) in enumerate(work):
+            grads_back[h, i] = done["B", 0, k]
     for i, mb in mbs:  # encoder backwards, once the gradients are back
         for r in {plan.enc[j] for j in mb}:
             mine = [j for j in mb if plan.enc[j] == r]
-            run(("gpu", r), max(b_end[plan.llm[j], i] for j in mine), 2 * sum(cost[j][1] for j in mine))
+            occupy(("gpu", r), max(grads_back[plan.llm[j], i] for j in mine), 2 * sum(cost[j][1] for j in mine))
     return max(free.values())
 
 
@@ -263,9 +252,10 @@ def part_emulated(args, tmp: Path) -> list[dict]:
     for n in [int(x) for x in args.workers.split(",")]:
         enc, llm = group_sizes(n, share, pp)
         pre = max(1, n // 16)
-        scaled = [f"{k}={v * scale if k.startswith('cost') else v}" for k, v in model["cost"].items()]
+        costs = {k: v * scale if k.startswith("cost") else v for k, v in model["cost"].items()}
         common = ["emulate=true", f"steps={args.warmup + args.steps}", f"batch={per_gpu * n * mbs}",
-                  f"microbatches={mbs}", "eval_every=0", "align_steps=0", "seed=0", *scaled,
+                  f"microbatches={mbs}", "eval_every=0", "align_steps=0", "seed=0",
+                  *(f"{k}={v}" for k, v in costs.items()),
                   f"pp={pp}", f"transport.peer_timeout_s={args.peer_timeout}",
                   f"transport.heartbeat_s={args.heartbeat}"]
         layouts = [("monolithic", "none", n, ["placement=monolithic"])]
@@ -287,9 +277,8 @@ def part_emulated(args, tmp: Path) -> list[dict]:
             else:
                 idle = sum(k * (r["period_s"] - busy[g]) for g, k in groups.items())
             # the cost model's own step time of this layout (no runtime overhead), same steps
-            p = {**PARAMS, "pp": pp, "batch": per_gpu * n * mbs, "microbatches": mbs, "max_images": 8,
-                 "align_steps": 0, "reorder": reorder,
-                 **{k: v * scale if k.startswith("cost") else v for k, v in model["cost"].items()}}
+            p = {**PARAMS, **costs, "pp": pp, "batch": per_gpu * n * mbs, "microbatches": mbs,
+                 "max_images": 8, "align_steps": 0, "reorder": reorder}
             ranks = ({g: tuple(range(n)) for g in ("preprocess", "encoder", "llm")} if placement == "monolithic"
                      else {"preprocess": tuple(range(pre)), "encoder": tuple(range(pre, pre + enc)),
                            "llm": tuple(range(pre + enc, pre + enc + llm))})

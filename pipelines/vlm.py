@@ -456,17 +456,18 @@ class LLM:
 
     def _pipelined(self, ctx):
         """``pp`` > 1 (emulated only): this rank is one stage of an LLM pipeline and runs
-        Megatron's 1F1B schedule (``one_f_one_b``) over the step's microbatches. Activations go to the next stage and their gradients to the previous
-        one over ``ctx.streams``; the head (stage 0) receives text and image tokens and
-        sends the image-token gradients back to the encoder ranks. A stage's forward takes
-        1/3 and its backward 2/3 of its 1/``pp`` share of the samples' LLM cost."""
+        Megatron's 1F1B schedule (``one_f_one_b``) over the step's microbatches.
+        Activations go to the next stage and their gradients to the previous one over
+        ``ctx.streams``; the head (stage 0) receives text and image tokens and sends the
+        image-token gradients back to the encoder ranks. A stage's forward takes 1/3 and
+        its backward 2/3 of its 1/``pp`` share of the samples' LLM cost."""
         wait = _StreamWait(ctx)
         p, plan, s = ctx.params, train_plan(ctx), ctx.streams
         pp = p["pp"]
         stage, pipe = llm_pipeline(s.ranks("llm"), pp, ctx.rank)
-        head = pipe[0]
-        mbs = [(i, mb, plan.mine(mb, plan.llm, head)) for i, mb in enumerate(plan.order)]
-        mbs = [x for x in mbs if x[2]]
+        mbs = [(i, mb, plan.mine(mb, plan.llm, pipe[0])) for i, mb in enumerate(plan.order)]
+        mbs = [(i, mb, mine, sum(sample_costs(p, plan.specs[j])[2] for j in mine) / pp)
+               for i, mb, mine in mbs if mine]
         held: dict[int, tuple] = {}
         n = 0
 
@@ -474,7 +475,7 @@ class LLM:
             return Batch({"x": torch.zeros(len(mine), 1)}, [plan.ids[j] for j in mine],
                          [plan.specs[j].seq_len for j in mine])
 
-        def forward(i, mb, mine):
+        def forward(i, mb, mine, cost):
             nonlocal n
             if stage == 0:
                 text, img, senders, _ = _inputs(ctx, plan, i, mb, "text", "embeds")
@@ -482,15 +483,15 @@ class LLM:
                 n += len(text)
             else:
                 s.recv("act", ctx.step, i, [pipe[stage - 1]])
-            with _busy(ctx, "llm", sum(sample_costs(p, plan.specs[j])[2] for j in mine) / pp / 3):
+            with _busy(ctx, "llm", cost / 3):  # emulated: the block lasts the modelled time
                 pass
             if stage < pp - 1:
                 s.send("act", ctx.step, i, pipe[stage + 1], activations(mine))
 
-        def backward(i, mb, mine):
+        def backward(i, mb, mine, cost):
             if stage < pp - 1:
                 s.recv("act_grad", ctx.step, i, [pipe[stage + 1]])
-            with _busy(ctx, "llm", sum(sample_costs(p, plan.specs[j])[2] for j in mine) / pp * 2 / 3):
+            with _busy(ctx, "llm", 2 * cost / 3):
                 pass
             if stage > 0:
                 s.send("act_grad", ctx.step, i, pipe[stage - 1], activations(mine))
@@ -579,6 +580,9 @@ def check(p: dict) -> None:
     if worst > p["context"]:
         raise ValueError(f"a sample with max_images={p['max_images']} images needs up to {worst} "
                          f"tokens ({p['max_images']} image tokens + text) but context={p['context']}")
+    if p["pp"] > 1 and not p["emulate"]:
+        raise ValueError(f"pp={p['pp']} is emulated only (emulate=true): the CPU model's LLM has "
+                         f"{p['layers']} layers and is not split into pipeline stages")
     if p["align_steps"] < 0:
         raise ValueError(f"align_steps must be >= 0, got {p['align_steps']}")
     if p["batch"] < 1 or not 1 <= p["microbatches"] <= p["batch"]:
@@ -587,9 +591,6 @@ def check(p: dict) -> None:
 
 
 def check_groups(p: dict, groups: dict) -> None:
-    if p["pp"] > 1 and not p["emulate"]:
-        raise ValueError(f"pp={p['pp']} is emulated only (emulate=true): the CPU model's LLM has "
-                         f"{p['layers']} layers and is not split into pipeline stages")
     check_pp(p["pp"], groups["llm"])
 
 
